@@ -1,0 +1,18 @@
+//! walship-common: what wal-sender and wal-receiver share.
+//!
+//! - [`lsn`]: WAL positions.
+//! - [`segment`]: timelines, segment numbers and WAL file names.
+//! - [`frame`]: the checksummed, compressed frame every message travels in.
+//! - [`protocol`]: the walship messages and the handshake.
+//! - [`durable`]: crash-safe file writes.
+//! - [`logging`]: tracing set-up shared by both binaries.
+
+pub mod durable;
+pub mod frame;
+pub mod logging;
+pub mod lsn;
+pub mod protocol;
+pub mod segment;
+
+pub use lsn::Lsn;
+pub use segment::{SegmentNo, TimelineId, WalFileName, WalSegSize};

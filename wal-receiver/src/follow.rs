@@ -1,0 +1,304 @@
+//! `wal-receiver follow`: keep a WAL store current from a wal-sender, across any outage.
+//!
+//! One task reads frames from the sender (frame reads are not cancellation-safe, so they
+//! live on their own task) and passes messages through a bounded channel to the writer loop.
+//! The writer appends everything already queued, then flushes once (group commit: while it
+//! waits for fdatasync more WAL queues up, so fsyncs per second stay bounded however small
+//! the messages are), and only then acknowledges the new flush position.
+//!
+//! After any failure that is not fatal the receiver reconnects with exponential backoff and
+//! resumes at the store's persisted flush position: nothing acknowledged is asked for again,
+//! nothing is skipped.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use walship_common::frame::{FrameDecoder, FrameEncoder};
+use walship_common::protocol::{validate_name, ErrorCode, Message, PROTOCOL_VERSION};
+use walship_common::{Lsn, TimelineId, WalSegSize};
+
+use crate::store::{Store, StoreError};
+use crate::{exit, Fatal};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The sender sends a keepalive at least every few seconds; silence this long means the
+/// connection is dead even if TCP has not noticed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Flush at least this often while WAL keeps arriving (bytes written but not flushed).
+const MAX_UNFLUSHED: u64 = 8 << 20;
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+pub struct FollowConfig {
+    pub sender: String,
+    pub name: String,
+    pub wal_dir: PathBuf,
+    pub start_lsn: Option<Lsn>,
+}
+
+/// Maps a store error to the exit code that tells the operator what is wrong.
+pub fn store_fatal(e: StoreError) -> anyhow::Error {
+    let code = match &e {
+        StoreError::Locked { .. } => exit::STORE_LOCKED,
+        StoreError::CorruptState { .. } | StoreError::Inconsistent { .. } => exit::STORE_CORRUPT,
+        StoreError::Seal(_) | StoreError::Durable(_) => exit::DISK,
+    };
+    Fatal {
+        code,
+        message: e.to_string(),
+    }
+    .into()
+}
+
+/// Follows the sender until a signal or a fatal error.
+pub async fn follow(cfg: FollowConfig) -> Result<()> {
+    validate_name(&cfg.name).map_err(|m| Fatal {
+        code: exit::USAGE,
+        message: m,
+    })?;
+    let wal_dir = cfg.wal_dir.clone();
+    let mut store = tokio::task::spawn_blocking(move || Store::open(&wal_dir))
+        .await?
+        .map_err(store_fatal)?;
+    info!(wal_dir = %cfg.wal_dir.display(), flush_lsn = %store.flush_lsn(), "WAL store opened");
+    let mut backoff = BACKOFF_MIN;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let before = store.flush_lsn();
+        let result = tokio::select! {
+            r = session(&mut store, &cfg) => r,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        };
+        match result {
+            Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
+            Err(e) => warn!(sender = %cfg.sender, "{e:#}; reconnecting in {backoff:?}"),
+            Ok(()) => {
+                warn!(sender = %cfg.sender, "sender closed the connection; reconnecting in {backoff:?}")
+            }
+        }
+        if store.flush_lsn() > before {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+    // Signal: make what was written durable (nothing unflushed was acknowledged anyway).
+    let flush_lsn = tokio::task::block_in_place(|| store.flush()).map_err(store_fatal)?;
+    tokio::task::block_in_place(|| store.close()).map_err(store_fatal)?;
+    info!(%flush_lsn, "wal-receiver stopped");
+    Ok(())
+}
+
+struct Link {
+    wr: OwnedWriteHalf,
+    enc: FrameEncoder,
+    buf: Vec<u8>,
+}
+
+impl Link {
+    async fn send(&mut self, m: &Message) -> Result<()> {
+        self.buf.clear();
+        m.encode(&mut self.enc, &mut self.buf)?;
+        self.wr.write_all(&self.buf).await.context("send to sender")
+    }
+}
+
+fn sender_error(code: ErrorCode, message: String) -> anyhow::Error {
+    match code {
+        ErrorCode::WalGone => Fatal {
+            code: exit::WAL_GONE,
+            message: format!("the primary no longer has the WAL this receiver needs: {message}"),
+        }
+        .into(),
+        ErrorCode::Version | ErrorCode::BadName | ErrorCode::BadRequest => Fatal {
+            code: exit::MISMATCH,
+            message: format!("the sender refused this receiver: {message}"),
+        }
+        .into(),
+        ErrorCode::Other => anyhow!("sender reported an error: {message}"),
+    }
+}
+
+/// One connection: handshake, then receive, store, flush and acknowledge until it fails.
+async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<()> {
+    let sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&cfg.sender))
+        .await
+        .map_err(|_| anyhow!("connecting to {} timed out", cfg.sender))?
+        .with_context(|| format!("connect to sender {}", cfg.sender))?;
+    sock.set_nodelay(true)?;
+    let (mut rd, wr) = sock.into_split();
+    let mut link = Link {
+        wr,
+        enc: FrameEncoder::new(1)?,
+        buf: Vec::new(),
+    };
+    let mut dec = FrameDecoder::new()?;
+    link.send(&Message::Hello {
+        version: PROTOCOL_VERSION,
+        name: cfg.name.clone(),
+    })
+    .await?;
+    let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, dec.read_frame(&mut rd))
+        .await
+        .map_err(|_| anyhow!("sender did not answer the handshake within {HANDSHAKE_TIMEOUT:?}"))??
+        .ok_or_else(|| anyhow!("sender closed the connection during the handshake"))?;
+    let (system_id, timeline, seg_size, server_flush_lsn) = match Message::decode(&frame)? {
+        Message::ServerInfo {
+            version,
+            system_id,
+            timeline,
+            seg_size,
+            flush_lsn,
+            server_version,
+        } => {
+            if version != PROTOCOL_VERSION {
+                return Err(Fatal { code: exit::MISMATCH, message: format!("sender speaks walship protocol {version}, this receiver {PROTOCOL_VERSION}") }.into());
+            }
+            let seg = WalSegSize::new(seg_size as u64).ok_or_else(|| Fatal {
+                code: exit::MISMATCH,
+                message: format!("sender reports an invalid WAL segment size {seg_size}"),
+            })?;
+            info!(system_id, timeline, %flush_lsn, %server_version, "connected to sender");
+            (system_id, TimelineId(timeline), seg, flush_lsn)
+        }
+        Message::Error { code, message } => return Err(sender_error(code, message)),
+        other => bail!("expected ServerInfo from sender, got {:?}", other.kind()),
+    };
+    match store.state() {
+        Some(st) => {
+            if st.system_id != system_id {
+                return Err(Fatal { code: exit::MISMATCH, message: format!(
+                    "the sender's primary has system identifier {system_id}, but the WAL store {} holds WAL of system {}; refusing to mix clusters. Use another --wal-dir for this primary",
+                    cfg.wal_dir.display(), st.system_id
+                ) }.into());
+            }
+            if st.seg_size != seg_size {
+                return Err(Fatal {
+                    code: exit::MISMATCH,
+                    message: format!(
+                    "the primary uses {}-byte WAL segments but the store holds {}-byte segments",
+                    seg_size.bytes(), st.seg_size.bytes()
+                ),
+                }
+                .into());
+            }
+            if st.timeline != timeline {
+                return Err(Fatal { code: exit::MISMATCH, message: format!(
+                    "the primary is on timeline {timeline} but the store holds timeline {}; following a timeline switch is not supported yet",
+                    st.timeline
+                ) }.into());
+            }
+        }
+        None => {
+            let start_lsn = cfg
+                .start_lsn
+                .unwrap_or(server_flush_lsn)
+                .segment_start(seg_size);
+            tokio::task::block_in_place(|| store.init(system_id, timeline, seg_size, start_lsn))
+                .map_err(store_fatal)?;
+            info!(%start_lsn, "initialised empty WAL store");
+        }
+    }
+    let start_lsn = store.flush_lsn();
+    link.send(&Message::StartStream {
+        start_lsn,
+        timeline: timeline.0,
+    })
+    .await?;
+    link.send(&Message::Ack {
+        write_lsn: start_lsn,
+        flush_lsn: start_lsn,
+    })
+    .await?;
+    info!(%start_lsn, timeline = timeline.0, "requesting WAL");
+
+    let (tx, mut rx) = mpsc::channel::<Result<(Message, u64)>>(256);
+    let reader = tokio::spawn(async move {
+        loop {
+            let item = match dec.read_frame(&mut rd).await {
+                Ok(Some(frame)) => Message::decode(&frame)
+                    .map(|m| (m, frame.wire_bytes))
+                    .map_err(anyhow::Error::from),
+                Ok(None) => Err(anyhow!("sender closed the connection")),
+                Err(e) => Err(anyhow::Error::from(e).context("bad frame from sender")),
+            };
+            let stop = item.is_err();
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let result = stream(store, &mut rx, &mut link, server_flush_lsn).await;
+    reader.abort();
+    result
+}
+
+async fn stream(
+    store: &mut Store,
+    rx: &mut mpsc::Receiver<Result<(Message, u64)>>,
+    link: &mut Link,
+    mut server_flush_lsn: Lsn,
+) -> Result<()> {
+    let mut last_log = Instant::now();
+    loop {
+        let first = tokio::time::timeout(IDLE_TIMEOUT, rx.recv())
+            .await
+            .map_err(|_| anyhow!("no message from the sender for {IDLE_TIMEOUT:?}; assuming the connection is dead"))?
+            .ok_or_else(|| anyhow!("connection reader stopped"))?;
+        let mut item = Some(first);
+        while let Some(it) = item.take() {
+            let (msg, wire_bytes) = it?;
+            match msg {
+                Message::WalData {
+                    start_lsn,
+                    server_flush_lsn: sf,
+                    data,
+                } => {
+                    if start_lsn != store.write_lsn() {
+                        bail!(
+                            "sender sent WAL at {start_lsn}, but the store continues at {}",
+                            store.write_lsn()
+                        );
+                    }
+                    tokio::task::block_in_place(|| store.write(start_lsn, &data, wire_bytes))
+                        .map_err(store_fatal)?;
+                    server_flush_lsn = server_flush_lsn.max(sf);
+                }
+                Message::Keepalive {
+                    server_flush_lsn: sf,
+                } => server_flush_lsn = server_flush_lsn.max(sf),
+                Message::Error { code, message } => return Err(sender_error(code, message)),
+                other => bail!("unexpected {:?} message from sender", other.kind()),
+            }
+            if store.write_lsn().saturating_sub(store.flush_lsn()) < MAX_UNFLUSHED {
+                item = rx.try_recv().ok();
+            }
+        }
+        if store.write_lsn() > store.flush_lsn() {
+            let flush_lsn = tokio::task::block_in_place(|| store.flush()).map_err(store_fatal)?;
+            link.send(&Message::Ack {
+                write_lsn: store.write_lsn(),
+                flush_lsn,
+            })
+            .await?;
+        }
+        if last_log.elapsed() >= PROGRESS_INTERVAL {
+            last_log = Instant::now();
+            let flush_lsn = store.flush_lsn();
+            info!(%flush_lsn, %server_flush_lsn, lag_bytes = server_flush_lsn.saturating_sub(flush_lsn), "following");
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! wal-receiver: keeps a durable, verifiable WAL store fed from a wal-sender, and serves it
+//! to a standby.
+//!
+//! - [`store`]: the WAL store and its state file.
+//! - [`sealed`]: complete segments, compressed and checksummed at rest.
+//! - [`follow`]: the streaming loop with group commit and reconnects.
+//! - [`restore`]: the `restore_command` helper.
+//! - [`status`]: what a store holds.
+
+pub mod follow;
+pub mod restore;
+pub mod sealed;
+pub mod status;
+pub mod store;
+
+/// Exit codes of wal-receiver. They are part of its interface (see the README).
+pub mod exit {
+    /// Any other error.
+    pub const ERROR: u8 = 1;
+    /// Bad command line.
+    pub const USAGE: u8 = 2;
+    /// The primary no longer has the WAL this receiver needs: bootstrap again.
+    pub const WAL_GONE: u8 = 3;
+    /// The sender's cluster does not match the store (system identifier, segment size,
+    /// timeline) or the sender refused this receiver.
+    pub const MISMATCH: u8 = 4;
+    /// The store is corrupt or inconsistent (e.g. a damaged state file).
+    pub const STORE_CORRUPT: u8 = 5;
+    /// Another wal-receiver holds the store's lock.
+    pub const STORE_LOCKED: u8 = 6;
+    /// A write or fsync to the store failed; nothing unsynced was acknowledged.
+    pub const DISK: u8 = 7;
+}
+
+/// An error that ends the process with a specific exit code instead of a retry.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Fatal {
+    pub code: u8,
+    pub message: String,
+}

@@ -1,0 +1,138 @@
+//! The wal-receiver command line. Exit codes are listed in `wal_receiver::exit`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wal_receiver::{exit, Fatal};
+use walship_common::logging::{self, LogFormat};
+use walship_common::Lsn;
+
+/// wal-receiver: store a primary's WAL durably from a wal-sender and feed it to a standby.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Log format: plain or json. The level comes from RUST_LOG (default info).
+    #[arg(long, global = true, default_value = "plain")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stream WAL from a sender into a WAL store and keep it current, reconnecting after
+    /// any outage. Acknowledges only fsynced WAL.
+    Follow {
+        /// The wal-sender to follow.
+        #[arg(long, value_name = "HOST:PORT")]
+        sender: String,
+        /// This receiver's name: the sender uses the slot walship_NAME and
+        /// application_name=NAME (so synchronous_standby_names can name it).
+        #[arg(long)]
+        name: String,
+        /// The WAL store directory (created if missing; one receiver per store).
+        #[arg(long, value_name = "DIR")]
+        wal_dir: PathBuf,
+        /// Where an empty store starts (rounded down to its segment start). Default: the
+        /// start of the primary's current segment. Ignored when the store has WAL.
+        #[arg(long, value_name = "LSN")]
+        start_lsn: Option<Lsn>,
+    },
+    /// Copy one WAL file from the store to DEST: for restore_command, as
+    /// `wal-receiver restore-wal --wal-dir DIR %f %p`. Exits 1 when the file is not there.
+    RestoreWal {
+        /// The WAL store directory.
+        #[arg(long, value_name = "DIR")]
+        wal_dir: PathBuf,
+        /// The WAL file name PostgreSQL asks for (%f).
+        file: String,
+        /// Where to write it (%p).
+        dest: PathBuf,
+    },
+    /// Show what a WAL store holds: system identifier, timeline, flush position,
+    /// segments, and bytes received raw vs on the wire.
+    Status {
+        /// The WAL store directory.
+        #[arg(long, value_name = "DIR")]
+        wal_dir: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Follow {
+            sender,
+            name,
+            wal_dir,
+            start_lsn,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build();
+            match rt {
+                Ok(rt) => rt.block_on(wal_receiver::follow::follow(
+                    wal_receiver::follow::FollowConfig {
+                        sender,
+                        name,
+                        wal_dir,
+                        start_lsn,
+                    },
+                )),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::RestoreWal {
+            wal_dir,
+            file,
+            dest,
+        } => match wal_receiver::restore::restore_wal(&wal_dir, &file, &dest) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::debug!("{file} is not in {}", wal_dir.display());
+                return ExitCode::from(exit::ERROR);
+            }
+            Err(e) => Err(e),
+        },
+        Command::Status { wal_dir, json } => match wal_receiver::status::status(&wal_dir) {
+            Ok(Some(s)) if json => serde_json::to_string(&s)
+                .map(|j| println!("{j}"))
+                .map_err(Into::into),
+            Ok(Some(s)) => {
+                println!("{s}");
+                Ok(())
+            }
+            Ok(None) => Err(anyhow::anyhow!(
+                "{} holds no WAL store (no state file)",
+                wal_dir.display()
+            )),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e
+                .downcast_ref::<Fatal>()
+                .map(|f| f.code)
+                .unwrap_or(exit::ERROR);
+            eprintln!("wal-receiver: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

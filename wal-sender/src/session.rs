@@ -1,0 +1,346 @@
+//! One receiver's session: handshake, slot, and the WAL stream.
+//!
+//! Each receiver gets its own task and its own replication connection to PostgreSQL, so a
+//! slow, stalled or misbehaving receiver never delays another.
+//!
+//! Positions: `ack_flush_lsn <= sent_lsn`. The receiver's acknowledged flush position is
+//! the only position ever reported upstream as flush, so the slot `walship_<name>` never
+//! advances past what the receiver has fsynced; an acknowledgement beyond what was sent is a
+//! protocol violation and ends the session.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use walship_common::frame::{FrameDecoder, FrameEncoder};
+use walship_common::protocol::{validate_name, ErrorCode, Message, PROTOCOL_VERSION};
+use walship_common::{Lsn, WalSegSize};
+
+use crate::pgconn::{CopyMessage, PgError, ReplConn};
+
+/// How long a receiver has to complete the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Status updates go upstream at least this often, acknowledged or not.
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// A keepalive goes to the receiver when nothing else was sent for this long.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Settings shared by every session.
+#[derive(Clone)]
+pub struct SessionConfig {
+    pub pg: tokio_postgres::Config,
+    pub zstd_level: i32,
+}
+
+/// An error to send to the receiver before closing.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> anyhow::Error {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+    .into()
+}
+
+struct Out {
+    wr: OwnedWriteHalf,
+    enc: FrameEncoder,
+    buf: Vec<u8>,
+    wire_bytes: u64,
+    last_sent: Instant,
+}
+
+impl Out {
+    async fn send(&mut self, msg: &Message) -> Result<()> {
+        self.buf.clear();
+        msg.encode(&mut self.enc, &mut self.buf)?;
+        self.wr
+            .write_all(&self.buf)
+            .await
+            .context("send to receiver")?;
+        self.wire_bytes += self.buf.len() as u64;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+}
+
+/// Runs a session to its end, logging how it ended. Never panics on bad input.
+pub async fn run(sock: TcpStream, peer: SocketAddr, cfg: SessionConfig) {
+    let _ = sock.set_nodelay(true);
+    let (rd, wr) = sock.into_split();
+    let mut out = Out {
+        wr,
+        enc: match FrameEncoder::new(cfg.zstd_level) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(%peer, "cannot create compressor: {e}");
+                return;
+            }
+        },
+        buf: Vec::new(),
+        wire_bytes: 0,
+        last_sent: Instant::now(),
+    };
+    let mut name = String::from("?");
+    let result = session(rd, &mut out, peer, &cfg, &mut name).await;
+    match result {
+        Ok(()) => info!(receiver = %name, %peer, "receiver disconnected"),
+        Err(e) => {
+            let (code, text) = match e.downcast_ref::<Refusal>() {
+                Some(r) => (r.code, r.message.clone()),
+                None => (ErrorCode::Other, format!("{e:#}")),
+            };
+            warn!(receiver = %name, %peer, "session ended: {text}");
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                out.send(&Message::Error {
+                    code,
+                    message: text,
+                }),
+            )
+            .await;
+        }
+    }
+    let _ = out.wr.shutdown().await;
+}
+
+async fn read_msg(dec: &mut FrameDecoder, rd: &mut OwnedReadHalf) -> Result<Message> {
+    let frame = dec
+        .read_frame(rd)
+        .await?
+        .ok_or_else(|| anyhow!("receiver closed the connection"))?;
+    Ok(Message::decode(&frame)?)
+}
+
+async fn session(
+    mut rd: OwnedReadHalf,
+    out: &mut Out,
+    peer: SocketAddr,
+    cfg: &SessionConfig,
+    name_out: &mut String,
+) -> Result<()> {
+    let mut dec = FrameDecoder::new()?;
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut dec, &mut rd))
+        .await
+        .map_err(|_| anyhow!("handshake not completed within {HANDSHAKE_TIMEOUT:?}"))??;
+    let name = match hello {
+        Message::Hello { version, name } => {
+            if version != PROTOCOL_VERSION {
+                return Err(refuse(ErrorCode::Version, format!(
+                    "receiver speaks walship protocol version {version}, this sender speaks {PROTOCOL_VERSION}; run the same walship version on both hosts"
+                )));
+            }
+            validate_name(&name).map_err(|m| refuse(ErrorCode::BadName, m))?;
+            name
+        }
+        other => bail!("expected Hello, got {:?}", other.kind()),
+    };
+    *name_out = name.clone();
+    let slot = format!("walship_{name}");
+    info!(receiver = %name, %peer, "receiver connected");
+
+    let mut pg = ReplConn::connect(&cfg.pg, &name)
+        .await
+        .context("connect to PostgreSQL for replication")?;
+    let sys = pg.identify_system().await?;
+    let seg_setting = pg.show("wal_segment_size").await?;
+    let seg_size = WalSegSize::parse_setting(&seg_setting).ok_or_else(|| {
+        anyhow!("PostgreSQL reports an unusable wal_segment_size {seg_setting:?}")
+    })?;
+    out.send(&Message::ServerInfo {
+        version: PROTOCOL_VERSION,
+        system_id: sys.system_id,
+        timeline: sys.timeline,
+        seg_size: seg_size.bytes() as u32,
+        flush_lsn: sys.flush_lsn,
+        server_version: pg.server_version.clone(),
+    })
+    .await?;
+
+    let (start_lsn, timeline) =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut dec, &mut rd))
+            .await
+            .map_err(|_| anyhow!("handshake not completed within {HANDSHAKE_TIMEOUT:?}"))??
+        {
+            Message::StartStream {
+                start_lsn,
+                timeline,
+            } => (start_lsn, timeline),
+            Message::Error { message, .. } => bail!("receiver ended the handshake: {message}"),
+            other => bail!("expected StartStream, got {:?}", other.kind()),
+        };
+    if timeline != sys.timeline {
+        return Err(refuse(ErrorCode::BadRequest, format!(
+            "receiver is on timeline {timeline} but the primary is on timeline {}; following a timeline switch is not supported yet",
+            sys.timeline
+        )));
+    }
+    if start_lsn > sys.flush_lsn {
+        return Err(refuse(ErrorCode::BadRequest, format!(
+            "receiver asks for WAL from {start_lsn}, ahead of the primary's flush position {}; its store belongs to another history",
+            sys.flush_lsn
+        )));
+    }
+    ensure_slot(&mut pg, &slot, start_lsn).await?;
+    if let Err(e) = pg.start_replication(&slot, start_lsn, timeline).await {
+        return Err(classify_pg_error(e, &slot, start_lsn));
+    }
+    info!(receiver = %name, %start_lsn, timeline, %slot, "streaming WAL");
+    stream(pg, rd, dec, out, &name, &slot, start_lsn).await
+}
+
+/// Makes sure the slot exists and still protects WAL from `start_lsn`.
+async fn ensure_slot(pg: &mut ReplConn, slot: &str, start_lsn: Lsn) -> Result<()> {
+    let rows = pg
+        .simple_query(&format!("READ_REPLICATION_SLOT {slot}"))
+        .await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| anyhow!("READ_REPLICATION_SLOT returned no row"))?;
+    let slot_type = row.first().cloned().flatten();
+    let restart_lsn = row.get(1).cloned().flatten();
+    match (slot_type.as_deref(), restart_lsn) {
+        (None, _) => {
+            match pg.simple_query(&format!("CREATE_REPLICATION_SLOT \"{slot}\" PHYSICAL RESERVE_WAL")).await {
+                Ok(_) => info!(%slot, "created physical replication slot"),
+                // Another session of the same receiver may have created it a moment ago.
+                Err(e) if e.chain().any(|c| c.downcast_ref::<PgError>().is_some_and(|p| p.code == "42710")) => {}
+                Err(e) => return Err(e.context(format!("create replication slot {slot}"))),
+            }
+            Ok(())
+        }
+        (Some("physical"), Some(_)) => Ok(()),
+        (Some("physical"), None) => Err(refuse(ErrorCode::WalGone, format!(
+            "replication slot {slot} was invalidated on the primary (max_slot_wal_keep_size?); the WAL from {start_lsn} is gone. Bootstrap this receiver again"
+        ))),
+        (Some(other), _) => Err(refuse(ErrorCode::BadRequest, format!(
+            "replication slot {slot} exists but is a {other} slot; drop it or choose another receiver name"
+        ))),
+    }
+}
+
+fn classify_pg_error(e: anyhow::Error, slot: &str, start_lsn: Lsn) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("has already been removed") || text.contains("invalidated") {
+        return refuse(ErrorCode::WalGone, format!(
+            "the primary no longer has the WAL from {start_lsn} (slot {slot}): {text}. Bootstrap this receiver again"
+        ));
+    }
+    e.context(format!("start replication on slot {slot} at {start_lsn}"))
+}
+
+async fn stream(
+    mut pg: ReplConn,
+    mut rd: OwnedReadHalf,
+    mut dec: FrameDecoder,
+    out: &mut Out,
+    name: &str,
+    slot: &str,
+    start_lsn: Lsn,
+) -> Result<()> {
+    // Acknowledgements arrive on their own task: frame reads are not cancellation-safe.
+    let (ack_tx, mut ack_rx) = watch::channel((Lsn::INVALID, Lsn::INVALID));
+    let acks = tokio::spawn(async move {
+        loop {
+            let Some(frame) = dec.read_frame(&mut rd).await? else {
+                return Ok::<_, anyhow::Error>(());
+            };
+            match Message::decode(&frame)? {
+                Message::Ack {
+                    write_lsn,
+                    flush_lsn,
+                } => {
+                    let _ = ack_tx.send((write_lsn, flush_lsn));
+                }
+                Message::Error { message, .. } => bail!("receiver reported: {message}"),
+                other => bail!("unexpected {:?} message from receiver", other.kind()),
+            }
+        }
+    });
+    let mut sent_lsn = start_lsn;
+    let (mut ack_write_lsn, mut ack_flush_lsn) = (Lsn::INVALID, Lsn::INVALID);
+    let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
+    let mut raw_bytes = 0u64;
+    let result: Result<()> = loop {
+        tokio::select! {
+            m = pg.recv_copy() => match m {
+                Ok(CopyMessage::XLogData { start_lsn, server_flush_lsn, data }) => {
+                    if start_lsn != sent_lsn {
+                        break Err(anyhow!("PostgreSQL sent WAL at {start_lsn}, expected {sent_lsn}"));
+                    }
+                    let Some(end) = start_lsn.checked_add(data.len() as u64) else {
+                        break Err(anyhow!("PostgreSQL sent WAL past the end of the log"));
+                    };
+                    let msg = Message::WalData { start_lsn, server_flush_lsn, data: data.to_vec() };
+                    if let Err(e) = out.send(&msg).await {
+                        break Err(e);
+                    }
+                    raw_bytes += data.len() as u64;
+                    sent_lsn = end;
+                }
+                Ok(CopyMessage::Keepalive { server_flush_lsn, reply_requested }) => {
+                    if reply_requested {
+                        if let Err(e) = pg.send_status(ack_write_lsn, ack_flush_lsn, Lsn::INVALID, false).await {
+                            break Err(e);
+                        }
+                    }
+                    if out.last_sent.elapsed() >= KEEPALIVE_INTERVAL {
+                        if let Err(e) = out.send(&Message::Keepalive { server_flush_lsn }).await {
+                            break Err(e);
+                        }
+                    }
+                }
+                Ok(CopyMessage::CopyDone) => {
+                    break Err(anyhow!("PostgreSQL ended the replication stream at {sent_lsn} (end of timeline or shutdown)"));
+                }
+                Err(e) => break Err(e.context("receive WAL from PostgreSQL")),
+            },
+            changed = ack_rx.changed() => {
+                if changed.is_err() {
+                    break Ok(());
+                }
+                let (write_lsn, flush_lsn) = *ack_rx.borrow_and_update();
+                if flush_lsn < ack_flush_lsn {
+                    break Err(anyhow!("receiver acknowledged {flush_lsn}, behind its earlier acknowledgement {ack_flush_lsn}"));
+                }
+                if write_lsn > sent_lsn.max(start_lsn) {
+                    break Err(anyhow!("receiver acknowledged {write_lsn}, beyond the {sent_lsn} it was sent"));
+                }
+                ack_write_lsn = write_lsn;
+                ack_flush_lsn = flush_lsn;
+                if let Err(e) = pg.send_status(ack_write_lsn, ack_flush_lsn, Lsn::INVALID, false).await {
+                    break Err(e);
+                }
+            }
+            _ = status_tick.tick() => {
+                if let Err(e) = pg.send_status(ack_write_lsn, ack_flush_lsn, Lsn::INVALID, false).await {
+                    break Err(e);
+                }
+                if out.last_sent.elapsed() >= KEEPALIVE_INTERVAL {
+                    if let Err(e) = out.send(&Message::Keepalive { server_flush_lsn: sent_lsn }).await {
+                        break Err(e);
+                    }
+                }
+            }
+        }
+    };
+    acks.abort();
+    let ack_result = acks.await;
+    info!(receiver = %name, %slot, %sent_lsn, %ack_flush_lsn, raw_bytes, wire_bytes = out.wire_bytes, "stream ended");
+    pg.terminate().await;
+    match (result, ack_result) {
+        (Ok(()), Ok(Err(e))) => Err(e.context("read from receiver")),
+        (r, _) => r,
+    }
+}
