@@ -1,1 +1,491 @@
+//! The end-to-end test harness: real PostgreSQL 15 servers, real wal-sender and wal-receiver
+//! processes, and PostgreSQL's own tools as the oracle.
+//!
+//! - [`TestDir`]: a unique temporary directory per test, removed on success.
+//! - [`Pg`]: an initdb'd cluster on a Unix socket in that directory, stopped on drop. When
+//!   the tests run as root, every PostgreSQL server command runs as the `postgres` user.
+//! - [`Sender`], [`Receiver`]: the walship processes, with their logs in the test directory.
+//! - [`Proxy`]: a TCP proxy whose connections a test can cut.
+//! - [`verify_wal`]: every stored segment, fetched with `restore-wal`, read by `pg_waldump`.
 
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use walship_common::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegSize};
+
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// Generous: only to keep a broken test from hanging forever.
+pub const PATIENCE: Duration = Duration::from_secs(180);
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Where the walship binaries are: `WALSHIP_BIN_DIR`, or the target directory of this test.
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(d) = std::env::var("WALSHIP_BIN_DIR") {
+        return PathBuf::from(d).join(name);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    exe.parent().and_then(|p| p.parent()).expect("target dir").join(name)
+}
+
+fn pg_tool(name: &str) -> PathBuf {
+    Path::new(PG_BIN).join(name)
+}
+
+/// A command for a PostgreSQL server program, run as `postgres` when we are root.
+fn pg_server_cmd(name: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(pg_tool(name));
+        c
+    } else {
+        Command::new(pg_tool(name))
+    }
+}
+
+fn run(mut cmd: Command) -> Result<String> {
+    let desc = format!("{cmd:?}");
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {desc}"))?;
+    if !out.status.success() {
+        bail!("{desc} failed ({}): {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `f` until it returns `Some`, or fails after [`PATIENCE`].
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if start.elapsed() > PATIENCE {
+            bail!("timed out after {PATIENCE:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A per-test directory, readable and writable by `postgres`, removed when the test passes.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::var("WALSHIP_TEST_TMP").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+        let path = base.join(format!("walship-{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create test dir");
+        if is_root() {
+            run({
+                let mut c = Command::new("chown");
+                c.arg("postgres:postgres").arg(&path);
+                c
+            })
+            .expect("chown test dir");
+        }
+        TestDir { path }
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("WALSHIP_KEEP_TEST_DIRS").is_some() {
+            eprintln!("test files kept in {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A PostgreSQL 15 cluster listening only on a Unix socket.
+pub struct Pg {
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    pub port: u16,
+    log: PathBuf,
+    running: bool,
+}
+
+impl Pg {
+    /// initdb and start a primary. `extra_conf` lines go into postgresql.conf.
+    pub fn start_primary(dir: &TestDir, name: &str, extra_conf: &str) -> Result<Pg> {
+        let data = dir.join(name);
+        let sock = dir.join(&format!("{name}-sock"));
+        fs::create_dir_all(&sock)?;
+        if is_root() {
+            run({
+                let mut c = Command::new("chown");
+                c.arg("postgres:postgres").arg(&sock);
+                c
+            })?;
+        }
+        let mut c = pg_server_cmd("initdb");
+        c.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "--no-sync"]);
+        run(c)?;
+        let conf = format!(
+            "listen_addresses = ''\nunix_socket_directories = '{}'\nport = 5432\nwal_level = replica\nmax_wal_senders = 20\nmax_replication_slots = 20\nfsync = on\nlogging_collector = off\nshared_buffers = 64MB\n{extra_conf}\n",
+            sock.display()
+        );
+        fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?.write_all(conf.as_bytes())?;
+        let mut pg = Pg { data, sock, port: 5432, log: dir.join(&format!("{name}.log")), running: false };
+        pg.ctl(&["start", "-w", "-t", "120"])?;
+        pg.running = true;
+        Ok(pg)
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<String> {
+        let mut c = pg_server_cmd("pg_ctl");
+        c.arg("-D").arg(&self.data).arg("-l").arg(&self.log).args(args);
+        run(c)
+    }
+
+    pub fn restart(&self) -> Result<()> {
+        self.ctl(&["restart", "-m", "fast", "-w", "-t", "120"]).map(|_| ())
+    }
+
+    /// libpq keyword/value connection string.
+    pub fn conninfo(&self) -> String {
+        format!("host={} port={} user=postgres dbname=postgres", self.sock.display(), self.port)
+    }
+
+    /// Runs SQL with psql and returns its unaligned, tuples-only output, trimmed.
+    pub fn sql(&self, sql: &str) -> Result<String> {
+        let mut c = Command::new(pg_tool("psql"));
+        c.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d"]).arg(self.conninfo()).arg("-c").arg(sql);
+        Ok(run(c)?.trim().to_owned())
+    }
+
+    pub fn flush_lsn(&self) -> Result<Lsn> {
+        Ok(self.sql("SELECT pg_current_wal_flush_lsn()")?.parse()?)
+    }
+
+    pub fn pgbench_init(&self, scale: u32) -> Result<()> {
+        let mut c = Command::new(pg_tool("pgbench"));
+        c.args(["-i", "-q", "-s", &scale.to_string(), "-d"]).arg(self.conninfo());
+        run(c).map(|_| ())
+    }
+
+    /// Starts `pgbench -c clients -T secs` in the background.
+    pub fn pgbench(&self, clients: u32, secs: u32) -> Result<Child> {
+        Ok(Command::new(pg_tool("pgbench"))
+            .args(["-n", "-c", &clients.to_string(), "-T", &secs.to_string(), "-d"])
+            .arg(self.conninfo())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?)
+    }
+
+    /// The slot's restart_lsn, if the slot exists and has one.
+    pub fn slot_restart_lsn(&self, slot: &str) -> Result<Option<Lsn>> {
+        let v = self.sql(&format!("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"))?;
+        Ok(if v.is_empty() { None } else { Some(v.parse()?) })
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = self.ctl(&["stop", "-m", "immediate", "-w"]);
+        }
+    }
+}
+
+/// A 127.0.0.1 port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A walship child process with its log file.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
+        let f = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("spawn {cmd:?}"))?;
+        Ok(Proc { child: Some(child), log })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn term(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        c.wait().ok()
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self) -> Result<std::process::ExitStatus> {
+        let c = self.child.as_mut().ok_or_else(|| anyhow!("not running"))?;
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if start.elapsed() > PATIENCE {
+                bail!("process did not exit within {PATIENCE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The JSON log lines whose message is `message`, as their `fields` objects.
+    pub fn log_events(&self, message: &str) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v.get("fields").cloned())
+            .filter(|f| f.get("message").and_then(|m| m.as_str()) == Some(message))
+            .collect()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Sender {
+    pub proc: Proc,
+    pub addr: String,
+    conninfo: String,
+}
+
+impl Sender {
+    pub fn start(dir: &TestDir, pg: &Pg) -> Result<Sender> {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut s = Sender { proc: Proc { child: None, log: dir.join("sender.log") }, addr, conninfo: pg.conninfo() };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let mut c = Command::new(bin("wal-sender"));
+        c.args(["--log-format", "json", "serve", "--pg-conn", &self.conninfo, "--listen", &self.addr]);
+        self.proc = Proc::spawn(c, self.proc.log.clone())?;
+        let addr = self.addr.clone();
+        wait_for("wal-sender to listen", || Ok(TcpStream::connect(&addr).ok().map(|_| ())))
+    }
+
+    /// SIGTERM, then start again on the same address.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.term();
+        self.spawn()
+    }
+}
+
+pub struct Receiver {
+    pub proc: Proc,
+    pub wal_dir: PathBuf,
+    pub name: String,
+    pub sender: String,
+}
+
+impl Receiver {
+    pub fn start(dir: &TestDir, sender: &str, name: &str) -> Result<Receiver> {
+        let mut r = Receiver {
+            proc: Proc { child: None, log: dir.join(&format!("receiver-{name}.log")) },
+            wal_dir: dir.join(&format!("wal-{name}")),
+            name: name.to_owned(),
+            sender: sender.to_owned(),
+        };
+        r.spawn()?;
+        Ok(r)
+    }
+
+    pub fn spawn(&mut self) -> Result<()> {
+        let mut c = Command::new(bin("wal-receiver"));
+        c.args(["--log-format", "json", "follow", "--sender", &self.sender, "--name", &self.name, "--wal-dir"]).arg(&self.wal_dir);
+        self.proc = Proc::spawn(c, self.proc.log.clone())?;
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value> {
+        status_json(&self.wal_dir)
+    }
+
+    pub fn flush_lsn(&self) -> Result<Lsn> {
+        let s = self.status()?;
+        s["flush_lsn"].as_str().ok_or_else(|| anyhow!("no flush_lsn in {s}"))?.parse().map_err(Into::into)
+    }
+
+    /// Waits until the store's flush position reaches `lsn`.
+    pub fn wait_flush(&mut self, lsn: Lsn) -> Result<()> {
+        wait_for(&format!("receiver {} to reach {lsn}", self.name), || {
+            if !self.proc.is_running() {
+                bail!("receiver {} exited:\n{}", self.name, tail(&self.proc.log_text(), 20));
+            }
+            Ok(match self.status() {
+                Ok(_) if self.flush_lsn()? >= lsn => Some(()),
+                _ => None,
+            })
+        })
+    }
+
+    /// Every `start_lsn` this receiver has requested, in order.
+    pub fn requested_starts(&self) -> Vec<Lsn> {
+        self.proc
+            .log_events("requesting WAL")
+            .iter()
+            .filter_map(|f| f["start_lsn"].as_str().and_then(|s| s.parse().ok()))
+            .collect()
+    }
+}
+
+pub fn status_json(wal_dir: &Path) -> Result<serde_json::Value> {
+    let mut c = Command::new(bin("wal-receiver"));
+    c.args(["status", "--json", "--wal-dir"]).arg(wal_dir);
+    Ok(serde_json::from_str(&run(c)?)?)
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Fetches every segment from `from` through the store's flush position with `restore-wal`
+/// and has `pg_waldump` read the whole range. Returns the number of records pg_waldump read.
+pub fn verify_wal(wal_dir: &Path, from: Lsn, scratch: &Path) -> Result<usize> {
+    let st = status_json(wal_dir)?;
+    let seg = WalSegSize::new(st["segment_size"].as_u64().ok_or_else(|| anyhow!("segment_size"))?).ok_or_else(|| anyhow!("segment size"))?;
+    let timeline = TimelineId(st["timeline"].as_u64().ok_or_else(|| anyhow!("timeline"))? as u32);
+    let flush: Lsn = st["flush_lsn"].as_str().ok_or_else(|| anyhow!("flush_lsn"))?.parse()?;
+    fs::create_dir_all(scratch)?;
+    let first = seg.segment_of(from).0;
+    let last = seg.segment_of(Lsn(flush.0.saturating_sub(1))).0;
+    for segno in first..=last {
+        let name = WalFileName::Segment { timeline, segno: SegmentNo(segno) }.to_name(seg);
+        let mut c = Command::new(bin("wal-receiver"));
+        c.args(["restore-wal", "--wal-dir"]).arg(wal_dir).arg(&name).arg(scratch.join(&name));
+        run(c).with_context(|| format!("restore-wal {name}"))?;
+    }
+    let mut c = Command::new(pg_tool("pg_waldump"));
+    c.arg("-p").arg(scratch).arg("--start").arg(from.to_string()).arg("--end").arg(flush.to_string());
+    let out = c.stdin(Stdio::null()).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || stderr.contains("error") {
+        bail!("pg_waldump failed over {from}..{flush}: {}", tail(&stderr, 5));
+    }
+    let records = out.stdout.split(|&b| b == b'\n').filter(|l| l.starts_with(b"rmgr:")).count();
+    fs::remove_dir_all(scratch)?;
+    Ok(records)
+}
+
+/// A TCP proxy from a local port to `target`; [`Proxy::cut`] drops every open connection.
+pub struct Proxy {
+    pub addr: String,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(target: &str) -> Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c2, s2, target) = (conns.clone(), stop.clone(), target.to_owned());
+        listener.set_nonblocking(true)?;
+        std::thread::spawn(move || {
+            while !s2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        let Ok(server) = TcpStream::connect(&target) else { continue };
+                        let mut list = c2.lock().unwrap();
+                        for (from, to) in [(&client, &server), (&server, &client)] {
+                            let (mut a, mut b) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                            std::thread::spawn(move || {
+                                let mut buf = [0u8; 64 << 10];
+                                while let Ok(n) = a.read(&mut buf) {
+                                    if n == 0 || b.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                                let _ = b.shutdown(Shutdown::Both);
+                                let _ = a.shutdown(Shutdown::Both);
+                            });
+                        }
+                        list.push(client);
+                        list.push(server);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Proxy { addr, conns, stop })
+    }
+
+    /// Cuts every connection through the proxy; new ones are accepted again.
+    pub fn cut(&self) -> usize {
+        let mut list = self.conns.lock().unwrap();
+        let n = list.len() / 2;
+        for s in list.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        n
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+}
+
+/// Reads lines from a child's output until one contains `needle` (for one-shot commands).
+pub fn read_until(r: impl Read, needle: &str) -> Option<String> {
+    BufReader::new(r).lines().map_while(|l| l.ok()).find(|l| l.contains(needle))
+}

@@ -79,12 +79,16 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
             _ = term.recv() => break,
         };
         match result {
+            // Never touch the store after a fatal error: a failed fsync is not retried.
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
             Err(e) => warn!(sender = %cfg.sender, "{e:#}; reconnecting in {backoff:?}"),
             Ok(()) => {
                 warn!(sender = %cfg.sender, "sender closed the connection; reconnecting in {backoff:?}")
             }
         }
+        // WAL written before the failure was verified and is contiguous: make it durable, so
+        // the next session resumes exactly where the store ends.
+        tokio::task::block_in_place(|| store.flush()).map_err(store_fatal)?;
         if store.flush_lsn() > before {
             backoff = BACKOFF_MIN;
         }

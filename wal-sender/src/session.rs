@@ -194,10 +194,11 @@ async fn session(
     }
     ensure_slot(&mut pg, &slot, start_lsn).await?;
     if let Err(e) = pg.start_replication(&slot, start_lsn, timeline).await {
-        return Err(classify_pg_error(e, &slot, start_lsn));
+        return Err(classify_pg_error(e.context(format!("start replication on slot {slot} at {start_lsn}")), &slot, start_lsn));
     }
     info!(receiver = %name, %start_lsn, timeline, %slot, "streaming WAL");
-    stream(pg, rd, dec, out, &name, &slot, start_lsn).await
+    // PostgreSQL reports missing WAL only once streaming has begun.
+    stream(pg, rd, dec, out, &name, &slot, start_lsn).await.map_err(|e| classify_pg_error(e, &slot, start_lsn))
 }
 
 /// Makes sure the slot exists and still protects WAL from `start_lsn`.
@@ -237,7 +238,7 @@ fn classify_pg_error(e: anyhow::Error, slot: &str, start_lsn: Lsn) -> anyhow::Er
             "the primary no longer has the WAL from {start_lsn} (slot {slot}): {text}. Bootstrap this receiver again"
         ));
     }
-    e.context(format!("start replication on slot {slot} at {start_lsn}"))
+    e
 }
 
 async fn stream(

@@ -1,0 +1,325 @@
+//! WAL streaming against real PostgreSQL 15: continuity, outages, slots, synchronous
+//! replication, several receivers, and hostile input.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use walship_tests::*;
+
+const SLOT_PREFIX: &str = "walship_";
+
+/// Checks the slot never runs ahead of the receiver's fsynced position. The slot is read
+/// first: restart_lsn(t1) <= ack(t1) <= flush(t1) <= flush(t2).
+fn check_slot_behind_flush(pg: &Pg, r: &Receiver) -> Result<Option<walship_common::Lsn>> {
+    let restart = pg.slot_restart_lsn(&format!("{SLOT_PREFIX}{}", r.name))?;
+    let flush = r.flush_lsn()?;
+    if let Some(restart) = restart {
+        if restart > flush {
+            bail!("slot restart_lsn {restart} is past the receiver's fsynced position {flush}");
+        }
+    }
+    Ok(restart)
+}
+
+#[test]
+fn streams_under_load_and_waldump_reads_every_byte() -> Result<()> {
+    let dir = TestDir::new("load");
+    let pg = Pg::start_primary(&dir, "primary", "")?;
+    let sender = Sender::start(&dir, &pg)?;
+    let mut r = Receiver::start(&dir, &sender.addr, "r1")?;
+    wait_for("receiver to start streaming", || Ok((!r.requested_starts().is_empty()).then_some(())))?;
+    let first = r.requested_starts()[0];
+    pg.pgbench_init(5)?;
+    let mut bench = pg.pgbench(4, 10)?;
+    let mut restarts = Vec::new();
+    while bench.try_wait()?.is_none() {
+        if let Some(restart) = check_slot_behind_flush(&pg, &r)? {
+            restarts.push(restart);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(bench.wait()?.success(), "pgbench failed");
+    let target = pg.flush_lsn()?;
+    r.wait_flush(target)?;
+    check_slot_behind_flush(&pg, &r)?;
+    // The slot advanced with the acknowledgements.
+    wait_for("slot to advance", || {
+        let restart = check_slot_behind_flush(&pg, &r)?;
+        Ok(restart.filter(|l| Some(l) > restarts.first()).map(|_| ()))
+    })?;
+    assert!(restarts.windows(2).all(|w| w[0] <= w[1]), "restart_lsn went backwards: {restarts:?}");
+    let records = verify_wal(&r.wal_dir, first, &dir.join("verify"))?;
+    assert!(records > 10_000, "pg_waldump read only {records} records");
+    let st = r.status()?;
+    let (raw, wire) = (st["raw_bytes"].as_u64().unwrap(), st["wire_bytes"].as_u64().unwrap());
+    eprintln!("raw WAL {raw} bytes, on the wire {wire} bytes ({:.1}%)", 100.0 * wire as f64 / raw as f64);
+    assert!(raw > 0 && wire > 0 && wire < raw, "compression did not happen: raw {raw}, wire {wire}");
+    assert!(st["sealed_segments"].as_u64().unwrap() >= 2, "no sealed segments: {st}");
+    Ok(())
+}
+
+/// One outage while pgbench writes: before it, note the slot (the receiver's last
+/// acknowledgement reported upstream); after it, the receiver must ask for exactly its
+/// persisted position, which is never behind what it acknowledged.
+fn outage(pg: &Pg, r: &mut Receiver, what: &str, act: impl FnOnce(&mut Receiver) -> Result<()>) -> Result<()> {
+    let before = r.requested_starts().len();
+    let acked = pg.slot_restart_lsn(&format!("{SLOT_PREFIX}{}", r.name))?;
+    act(r)?;
+    wait_for(&format!("receiver to resume after {what}"), || Ok((r.requested_starts().len() > before).then_some(())))?;
+    let resumed = *r.requested_starts().last().unwrap();
+    if let Some(acked) = acked {
+        assert!(resumed >= acked, "after {what}: resumed at {resumed}, before the acknowledged {acked}");
+    }
+    eprintln!("{what}: acknowledged {acked:?}, resumed at {resumed}");
+    Ok(())
+}
+
+#[test]
+fn continuity_across_receiver_kills_sender_and_primary_restarts_and_cuts() -> Result<()> {
+    let dir = TestDir::new("outages");
+    let pg = Pg::start_primary(&dir, "primary", "")?;
+    pg.pgbench_init(2)?;
+    let mut sender = Sender::start(&dir, &pg)?;
+    let proxy = Proxy::start(&sender.addr)?;
+    let mut r = Receiver::start(&dir, &proxy.addr, "ro")?;
+    wait_for("receiver to start streaming", || Ok((!r.requested_starts().is_empty()).then_some(())))?;
+    let first = r.requested_starts()[0];
+    let mut bench = pg.pgbench(4, 3600)?;
+    let settle = || std::thread::sleep(Duration::from_millis(1500));
+
+    for i in 0..3 {
+        settle();
+        outage(&pg, &mut r, &format!("SIGKILL #{}", i + 1), |r| {
+            r.proc.kill9();
+            // The persisted position is where it must resume.
+            let persisted = r.flush_lsn()?;
+            r.spawn()?;
+            wait_for("resume", || Ok((r.requested_starts().len() > 0 && *r.requested_starts().last().unwrap() == persisted).then_some(()))).ok();
+            let last = *r.requested_starts().last().unwrap();
+            assert_eq!(last, persisted, "after SIGKILL the receiver must resume at its persisted flush position");
+            Ok(())
+        })?;
+    }
+    settle();
+    outage(&pg, &mut r, "sender restart", |_| sender.restart())?;
+    settle();
+    outage(&pg, &mut r, "primary restart", |_| pg.restart())?;
+    // pgbench lost its connections with the restart; load again.
+    let _ = bench.kill();
+    let _ = bench.wait();
+    bench = pg.pgbench(4, 3600)?;
+    settle();
+    outage(&pg, &mut r, "TCP cut", |_| {
+        let n = proxy.cut();
+        assert!(n >= 1, "no connection to cut");
+        Ok(())
+    })?;
+    settle();
+    let _ = bench.kill();
+    let _ = bench.wait();
+    let target = pg.flush_lsn()?;
+    r.wait_flush(target)?;
+    let records = verify_wal(&r.wal_dir, first, &dir.join("verify"))?;
+    eprintln!("pg_waldump read {records} records from {first} to {target} without a gap");
+    Ok(())
+}
+
+#[test]
+fn synchronous_commit_waits_for_the_receivers_fsync() -> Result<()> {
+    let dir = TestDir::new("sync");
+    let pg = Pg::start_primary(&dir, "primary", "synchronous_standby_names = 'rsync'")?;
+    let sender = Sender::start(&dir, &pg)?;
+    // Create the table before the receiver exists: commits before that would wait.
+    let mut r = Receiver::start(&dir, &sender.addr, "rsync")?;
+    wait_for("pg_stat_replication to show the receiver as sync", || {
+        Ok((pg.sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'rsync'")? == "sync").then_some(()))
+    })?;
+    pg.sql("CREATE TABLE t (v int)")?;
+    pg.sql("INSERT INTO t VALUES (1)")?;
+
+    r.proc.kill9();
+    let mut insert = Command::new(format!("{PG_BIN}/psql"))
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-d", &pg.conninfo(), "-c", "INSERT INTO t VALUES (2)"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    wait_for("the commit to wait for synchronous replication", || {
+        Ok((pg.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")? == "1").then_some(()))
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(insert.try_wait()?.is_none(), "the commit finished while the synchronous receiver was down");
+
+    r.spawn()?;
+    let status = wait_for("the commit to complete", || Ok(insert.try_wait()?))?;
+    assert!(status.success());
+    assert_eq!(pg.sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'rsync'")?, "sync");
+    // The commit record is durable on the receiver.
+    let commit_lsn = pg.flush_lsn()?;
+    assert!(r.flush_lsn()? >= pg.sql("SELECT flush_lsn FROM pg_stat_replication WHERE application_name = 'rsync'")?.parse()?);
+    r.wait_flush(commit_lsn)?;
+    Ok(())
+}
+
+#[test]
+fn two_receivers_follow_one_sender_and_garbage_does_not_disturb_them() -> Result<()> {
+    let dir = TestDir::new("two");
+    let pg = Pg::start_primary(&dir, "primary", "")?;
+    let sender = Sender::start(&dir, &pg)?;
+    let mut a = Receiver::start(&dir, &sender.addr, "ra")?;
+    let mut b = Receiver::start(&dir, &sender.addr, "rb")?;
+    wait_for("both to stream", || Ok((!a.requested_starts().is_empty() && !b.requested_starts().is_empty()).then_some(())))?;
+    let (fa, fb) = (a.requested_starts()[0], b.requested_starts()[0]);
+    pg.pgbench_init(3)?;
+    // Garbage and a half-open connection to the sender while both stream.
+    {
+        use std::io::Write;
+        let mut g = std::net::TcpStream::connect(&sender.addr)?;
+        g.write_all(&[0xAB; 4096])?;
+        let _half_open = std::net::TcpStream::connect(&sender.addr)?;
+        let mut bench = pg.pgbench(2, 5)?;
+        assert!(bench.wait()?.success());
+    }
+    let target = pg.flush_lsn()?;
+    a.wait_flush(target)?;
+    b.wait_flush(target)?;
+    verify_wal(&a.wal_dir, fa, &dir.join("va"))?;
+    verify_wal(&b.wal_dir, fb, &dir.join("vb"))?;
+    assert!(sender.proc.log_text().contains("bad frame magic"), "sender did not report the garbage connection");
+    Ok(())
+}
+
+#[test]
+fn store_of_another_cluster_is_refused() -> Result<()> {
+    let dir = TestDir::new("sysid");
+    let pg1 = Pg::start_primary(&dir, "one", "")?;
+    let pg2 = Pg::start_primary(&dir, "two", "")?;
+    let s1 = Sender::start(&dir, &pg1)?;
+    let s2 = Sender::start(&dir, &pg2)?;
+    let mut r = Receiver::start(&dir, &s1.addr, "rx")?;
+    wait_for("streaming", || Ok((!r.requested_starts().is_empty()).then_some(())))?;
+    r.proc.term();
+    r.sender = s2.addr.clone();
+    r.spawn()?;
+    let st = r.proc.wait_exit()?;
+    assert_eq!(st.code(), Some(4), "expected exit code 4 (cluster mismatch)");
+    assert!(r.proc.log_text().contains("refusing to mix clusters"), "{}", tail(&r.proc.log_text(), 5));
+    Ok(())
+}
+
+#[test]
+fn corrupt_state_file_is_refused_at_start() -> Result<()> {
+    let dir = TestDir::new("corrupt");
+    let pg = Pg::start_primary(&dir, "primary", "")?;
+    let sender = Sender::start(&dir, &pg)?;
+    let mut r = Receiver::start(&dir, &sender.addr, "rc")?;
+    wait_for("streaming", || Ok((!r.requested_starts().is_empty()).then_some(())))?;
+    r.proc.term();
+    let state = r.wal_dir.join("state");
+    let mut bytes = std::fs::read(&state)?;
+    bytes[35] ^= 0x01; // a bit of the flush position
+    std::fs::write(&state, &bytes)?;
+    r.spawn()?;
+    let st = r.proc.wait_exit()?;
+    assert_eq!(st.code(), Some(5), "expected exit code 5 (store corrupt)");
+    assert!(r.proc.log_text().contains("corrupt"), "{}", tail(&r.proc.log_text(), 5));
+    Ok(())
+}
+
+#[test]
+fn receiver_stops_with_advice_when_the_primary_lost_its_wal() -> Result<()> {
+    let dir = TestDir::new("gone");
+    let pg = Pg::start_primary(&dir, "primary", "min_wal_size = 32MB\nmax_wal_size = 64MB")?;
+    let sender = Sender::start(&dir, &pg)?;
+    let mut r = Receiver::start(&dir, &sender.addr, "rg")?;
+    wait_for("streaming", || Ok((!r.requested_starts().is_empty()).then_some(())))?;
+    r.proc.term();
+    pg.sql("SELECT pg_drop_replication_slot('walship_rg')")?;
+    pg.pgbench_init(6)?;
+    for _ in 0..3 {
+        pg.sql("SELECT pg_switch_wal()")?;
+        pg.sql("CHECKPOINT")?;
+    }
+    r.spawn()?;
+    let st = r.proc.wait_exit()?;
+    assert_eq!(st.code(), Some(3), "expected exit code 3 (WAL gone): {}", tail(&r.proc.log_text(), 5));
+    let log = r.proc.log_text();
+    assert!(log.contains("no longer has the WAL") && log.contains("Bootstrap"), "{}", tail(&log, 5));
+    Ok(())
+}
+
+/// A fake sender that sends bad frames: each must be rejected with a clear error, the
+/// receiver must reconnect, and nothing from a bad frame may reach the store.
+#[test]
+fn receiver_rejects_corrupt_truncated_and_oversized_frames() -> Result<()> {
+    use std::io::{Read, Write};
+    use walship_common::frame::FrameEncoder;
+    use walship_common::protocol::{Message, PROTOCOL_VERSION};
+    use walship_common::Lsn;
+
+    let dir = TestDir::new("badframes");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let start = Lsn(0x300_0000);
+    let wal: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+    let wal2 = wal.clone();
+    let server = std::thread::spawn(move || -> Result<()> {
+        for round in 0..4 {
+            let (mut s, _) = listener.accept()?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let mut scratch = [0u8; 4096];
+            let _ = s.read(&mut scratch); // Hello
+            let mut enc = FrameEncoder::new(1)?;
+            let mut out = Vec::new();
+            Message::ServerInfo { version: PROTOCOL_VERSION, system_id: 42, timeline: 1, seg_size: 16 << 20, flush_lsn: Lsn(0x300_5000), server_version: "fake".into() }
+                .encode(&mut enc, &mut out)?;
+            s.write_all(&out)?;
+            let _ = s.read(&mut scratch); // StartStream, Ack
+            out.clear();
+            Message::WalData { start_lsn: start, server_flush_lsn: Lsn(0x300_5000), data: wal2.clone() }.encode(&mut enc, &mut out)?;
+            match round {
+                0 => {
+                    let at = out.len() - 100;
+                    out[at] ^= 0x20;
+                    s.write_all(&out)?;
+                }
+                1 => s.write_all(&out[..out.len() / 2])?,
+                2 => {
+                    out[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+                    s.write_all(&out)?;
+                }
+                _ => {
+                    s.write_all(&out)?;
+                    // Keep the connection until the receiver has acknowledged.
+                    std::thread::sleep(Duration::from_secs(5));
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Ok(())
+    });
+    let mut r = Receiver::start(&dir, &addr, "rbad")?;
+    r.wait_flush(Lsn(start.0 + wal.len() as u64))?;
+    server.join().unwrap()?;
+    let log = r.proc.log_text();
+    for expected in ["checksum mismatch", "closed in the middle of a frame", "exceeds the limit"] {
+        assert!(log.contains(expected), "no {expected:?} error in the receiver log:\n{}", tail(&log, 20));
+    }
+    assert!(r.proc.is_running(), "receiver died on bad input");
+    assert_eq!(r.flush_lsn()?, Lsn(start.0 + wal.len() as u64));
+    // The store holds exactly the good bytes, then zeros.
+    let dest = dir.join("seg");
+    let ok = Command::new(bin("wal-receiver"))
+        .args(["restore-wal", "--wal-dir"])
+        .arg(&r.wal_dir)
+        .arg("000000010000000000000003")
+        .arg(&dest)
+        .status()?;
+    assert!(ok.success());
+    let seg = std::fs::read(&dest)?;
+    assert_eq!(seg.len(), 16 << 20);
+    assert_eq!(&seg[..wal.len()], &wal[..]);
+    assert!(seg[wal.len()..].iter().all(|&b| b == 0), "bytes past the flush position were served");
+    Ok(())
+}
