@@ -556,7 +556,7 @@ mod tests {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
                 *b = (x >> 56) as u8;
             }
-            if buf.len() >= 2 && x % 2 == 0 {
+            if buf.len() >= 2 && x.is_multiple_of(2) {
                 buf[0..2].copy_from_slice(&MAGIC);
             }
             let mut dec = FrameDecoder::new().unwrap();

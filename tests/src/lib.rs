@@ -35,7 +35,10 @@ pub fn bin(name: &str) -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current exe");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    exe.parent().and_then(|p| p.parent()).expect("target dir").join(name)
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join(name)
 }
 
 fn pg_tool(name: &str) -> PathBuf {
@@ -55,9 +58,17 @@ fn pg_server_cmd(name: &str) -> Command {
 
 fn run(mut cmd: Command) -> Result<String> {
     let desc = format!("{cmd:?}");
-    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("run {desc}"))?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {desc}"))?;
     if !out.status.success() {
-        bail!("{desc} failed ({}): {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{desc} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -84,8 +95,14 @@ pub struct TestDir {
 impl TestDir {
     pub fn new(name: &str) -> TestDir {
         static N: AtomicU32 = AtomicU32::new(0);
-        let base = std::env::var("WALSHIP_TEST_TMP").map(PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
-        let path = base.join(format!("walship-{name}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let base = std::env::var("WALSHIP_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir());
+        let path = base.join(format!(
+            "walship-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
         let _ = fs::remove_dir_all(&path);
         fs::create_dir_all(&path).expect("create test dir");
         if is_root() {
@@ -137,14 +154,25 @@ impl Pg {
             })?;
         }
         let mut c = pg_server_cmd("initdb");
-        c.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "--no-sync"]);
+        c.arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync"]);
         run(c)?;
         let conf = format!(
             "listen_addresses = ''\nunix_socket_directories = '{}'\nport = 5432\nwal_level = replica\nmax_wal_senders = 20\nmax_replication_slots = 20\nfsync = on\nlogging_collector = off\nshared_buffers = 64MB\n{extra_conf}\n",
             sock.display()
         );
-        fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?.write_all(conf.as_bytes())?;
-        let mut pg = Pg { data, sock, port: 5432, log: dir.join(&format!("{name}.log")), running: false };
+        fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?
+            .write_all(conf.as_bytes())?;
+        let mut pg = Pg {
+            data,
+            sock,
+            port: 5432,
+            log: dir.join(&format!("{name}.log")),
+            running: false,
+        };
         pg.ctl(&["start", "-w", "-t", "120"])?;
         pg.running = true;
         Ok(pg)
@@ -152,23 +180,35 @@ impl Pg {
 
     fn ctl(&self, args: &[&str]) -> Result<String> {
         let mut c = pg_server_cmd("pg_ctl");
-        c.arg("-D").arg(&self.data).arg("-l").arg(&self.log).args(args);
+        c.arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(args);
         run(c)
     }
 
     pub fn restart(&self) -> Result<()> {
-        self.ctl(&["restart", "-m", "fast", "-w", "-t", "120"]).map(|_| ())
+        self.ctl(&["restart", "-m", "fast", "-w", "-t", "120"])
+            .map(|_| ())
     }
 
     /// libpq keyword/value connection string.
     pub fn conninfo(&self) -> String {
-        format!("host={} port={} user=postgres dbname=postgres", self.sock.display(), self.port)
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.sock.display(),
+            self.port
+        )
     }
 
     /// Runs SQL with psql and returns its unaligned, tuples-only output, trimmed.
     pub fn sql(&self, sql: &str) -> Result<String> {
         let mut c = Command::new(pg_tool("psql"));
-        c.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d"]).arg(self.conninfo()).arg("-c").arg(sql);
+        c.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(self.conninfo())
+            .arg("-c")
+            .arg(sql);
         Ok(run(c)?.trim().to_owned())
     }
 
@@ -178,14 +218,22 @@ impl Pg {
 
     pub fn pgbench_init(&self, scale: u32) -> Result<()> {
         let mut c = Command::new(pg_tool("pgbench"));
-        c.args(["-i", "-q", "-s", &scale.to_string(), "-d"]).arg(self.conninfo());
+        c.args(["-i", "-q", "-s", &scale.to_string(), "-d"])
+            .arg(self.conninfo());
         run(c).map(|_| ())
     }
 
     /// Starts `pgbench -c clients -T secs` in the background.
     pub fn pgbench(&self, clients: u32, secs: u32) -> Result<Child> {
         Ok(Command::new(pg_tool("pgbench"))
-            .args(["-n", "-c", &clients.to_string(), "-T", &secs.to_string(), "-d"])
+            .args([
+                "-n",
+                "-c",
+                &clients.to_string(),
+                "-T",
+                &secs.to_string(),
+                "-d",
+            ])
             .arg(self.conninfo())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -195,7 +243,9 @@ impl Pg {
 
     /// The slot's restart_lsn, if the slot exists and has one.
     pub fn slot_restart_lsn(&self, slot: &str) -> Result<Option<Lsn>> {
-        let v = self.sql(&format!("SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"))?;
+        let v = self.sql(&format!(
+            "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))?;
         Ok(if v.is_empty() { None } else { Some(v.parse()?) })
     }
 
@@ -214,7 +264,10 @@ impl Drop for Pg {
 
 /// A 127.0.0.1 port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A walship child process with its log file.
@@ -225,7 +278,10 @@ pub struct Proc {
 
 impl Proc {
     fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
-        let f = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -233,7 +289,10 @@ impl Proc {
             .stderr(f)
             .spawn()
             .with_context(|| format!("spawn {cmd:?}"))?;
-        Ok(Proc { child: Some(child), log })
+        Ok(Proc {
+            child: Some(child),
+            log,
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -251,7 +310,10 @@ impl Proc {
     /// SIGTERM and wait for the exit status.
     pub fn term(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         c.wait().ok()
     }
 
@@ -305,17 +367,34 @@ pub struct Sender {
 impl Sender {
     pub fn start(dir: &TestDir, pg: &Pg) -> Result<Sender> {
         let addr = format!("127.0.0.1:{}", free_port());
-        let mut s = Sender { proc: Proc { child: None, log: dir.join("sender.log") }, addr, conninfo: pg.conninfo() };
+        let mut s = Sender {
+            proc: Proc {
+                child: None,
+                log: dir.join("sender.log"),
+            },
+            addr,
+            conninfo: pg.conninfo(),
+        };
         s.spawn()?;
         Ok(s)
     }
 
     fn spawn(&mut self) -> Result<()> {
         let mut c = Command::new(bin("wal-sender"));
-        c.args(["--log-format", "json", "serve", "--pg-conn", &self.conninfo, "--listen", &self.addr]);
+        c.args([
+            "--log-format",
+            "json",
+            "serve",
+            "--pg-conn",
+            &self.conninfo,
+            "--listen",
+            &self.addr,
+        ]);
         self.proc = Proc::spawn(c, self.proc.log.clone())?;
         let addr = self.addr.clone();
-        wait_for("wal-sender to listen", || Ok(TcpStream::connect(&addr).ok().map(|_| ())))
+        wait_for("wal-sender to listen", || {
+            Ok(TcpStream::connect(&addr).ok().map(|_| ()))
+        })
     }
 
     /// SIGTERM, then start again on the same address.
@@ -335,7 +414,10 @@ pub struct Receiver {
 impl Receiver {
     pub fn start(dir: &TestDir, sender: &str, name: &str) -> Result<Receiver> {
         let mut r = Receiver {
-            proc: Proc { child: None, log: dir.join(&format!("receiver-{name}.log")) },
+            proc: Proc {
+                child: None,
+                log: dir.join(&format!("receiver-{name}.log")),
+            },
             wal_dir: dir.join(&format!("wal-{name}")),
             name: name.to_owned(),
             sender: sender.to_owned(),
@@ -346,7 +428,17 @@ impl Receiver {
 
     pub fn spawn(&mut self) -> Result<()> {
         let mut c = Command::new(bin("wal-receiver"));
-        c.args(["--log-format", "json", "follow", "--sender", &self.sender, "--name", &self.name, "--wal-dir"]).arg(&self.wal_dir);
+        c.args([
+            "--log-format",
+            "json",
+            "follow",
+            "--sender",
+            &self.sender,
+            "--name",
+            &self.name,
+            "--wal-dir",
+        ])
+        .arg(&self.wal_dir);
         self.proc = Proc::spawn(c, self.proc.log.clone())?;
         Ok(())
     }
@@ -357,14 +449,22 @@ impl Receiver {
 
     pub fn flush_lsn(&self) -> Result<Lsn> {
         let s = self.status()?;
-        s["flush_lsn"].as_str().ok_or_else(|| anyhow!("no flush_lsn in {s}"))?.parse().map_err(Into::into)
+        s["flush_lsn"]
+            .as_str()
+            .ok_or_else(|| anyhow!("no flush_lsn in {s}"))?
+            .parse()
+            .map_err(Into::into)
     }
 
     /// Waits until the store's flush position reaches `lsn`.
     pub fn wait_flush(&mut self, lsn: Lsn) -> Result<()> {
         wait_for(&format!("receiver {} to reach {lsn}", self.name), || {
             if !self.proc.is_running() {
-                bail!("receiver {} exited:\n{}", self.name, tail(&self.proc.log_text(), 20));
+                bail!(
+                    "receiver {} exited:\n{}",
+                    self.name,
+                    tail(&self.proc.log_text(), 20)
+                );
             }
             Ok(match self.status() {
                 Ok(_) if self.flush_lsn()? >= lsn => Some(()),
@@ -398,26 +498,53 @@ pub fn tail(s: &str, n: usize) -> String {
 /// and has `pg_waldump` read the whole range. Returns the number of records pg_waldump read.
 pub fn verify_wal(wal_dir: &Path, from: Lsn, scratch: &Path) -> Result<usize> {
     let st = status_json(wal_dir)?;
-    let seg = WalSegSize::new(st["segment_size"].as_u64().ok_or_else(|| anyhow!("segment_size"))?).ok_or_else(|| anyhow!("segment size"))?;
+    let seg = WalSegSize::new(
+        st["segment_size"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("segment_size"))?,
+    )
+    .ok_or_else(|| anyhow!("segment size"))?;
     let timeline = TimelineId(st["timeline"].as_u64().ok_or_else(|| anyhow!("timeline"))? as u32);
-    let flush: Lsn = st["flush_lsn"].as_str().ok_or_else(|| anyhow!("flush_lsn"))?.parse()?;
+    let flush: Lsn = st["flush_lsn"]
+        .as_str()
+        .ok_or_else(|| anyhow!("flush_lsn"))?
+        .parse()?;
     fs::create_dir_all(scratch)?;
     let first = seg.segment_of(from).0;
     let last = seg.segment_of(Lsn(flush.0.saturating_sub(1))).0;
     for segno in first..=last {
-        let name = WalFileName::Segment { timeline, segno: SegmentNo(segno) }.to_name(seg);
+        let name = WalFileName::Segment {
+            timeline,
+            segno: SegmentNo(segno),
+        }
+        .to_name(seg);
         let mut c = Command::new(bin("wal-receiver"));
-        c.args(["restore-wal", "--wal-dir"]).arg(wal_dir).arg(&name).arg(scratch.join(&name));
+        c.args(["restore-wal", "--wal-dir"])
+            .arg(wal_dir)
+            .arg(&name)
+            .arg(scratch.join(&name));
         run(c).with_context(|| format!("restore-wal {name}"))?;
     }
     let mut c = Command::new(pg_tool("pg_waldump"));
-    c.arg("-p").arg(scratch).arg("--start").arg(from.to_string()).arg("--end").arg(flush.to_string());
+    c.arg("-p")
+        .arg(scratch)
+        .arg("--start")
+        .arg(from.to_string())
+        .arg("--end")
+        .arg(flush.to_string());
     let out = c.stdin(Stdio::null()).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() || stderr.contains("error") {
-        bail!("pg_waldump failed over {from}..{flush}: {}", tail(&stderr, 5));
+        bail!(
+            "pg_waldump failed over {from}..{flush}: {}",
+            tail(&stderr, 5)
+        );
     }
-    let records = out.stdout.split(|&b| b == b'\n').filter(|l| l.starts_with(b"rmgr:")).count();
+    let records = out
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| l.starts_with(b"rmgr:"))
+        .count();
     fs::remove_dir_all(scratch)?;
     Ok(records)
 }
@@ -442,10 +569,13 @@ impl Proxy {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);
-                        let Ok(server) = TcpStream::connect(&target) else { continue };
+                        let Ok(server) = TcpStream::connect(&target) else {
+                            continue;
+                        };
                         let mut list = c2.lock().unwrap();
                         for (from, to) in [(&client, &server), (&server, &client)] {
-                            let (mut a, mut b) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                            let (mut a, mut b) =
+                                (from.try_clone().unwrap(), to.try_clone().unwrap());
                             std::thread::spawn(move || {
                                 let mut buf = [0u8; 64 << 10];
                                 while let Ok(n) = a.read(&mut buf) {
@@ -487,5 +617,8 @@ impl Drop for Proxy {
 
 /// Reads lines from a child's output until one contains `needle` (for one-shot commands).
 pub fn read_until(r: impl Read, needle: &str) -> Option<String> {
-    BufReader::new(r).lines().map_while(|l| l.ok()).find(|l| l.contains(needle))
+    BufReader::new(r)
+        .lines()
+        .map_while(|l| l.ok())
+        .find(|l| l.contains(needle))
 }

@@ -5,13 +5,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use walship_common::Lsn;
 use walship_tests::*;
 
 const SLOT_PREFIX: &str = "walship_";
 
 /// Checks the slot never runs ahead of the receiver's fsynced position. The slot is read
 /// first: restart_lsn(t1) <= ack(t1) <= flush(t1) <= flush(t2).
-fn check_slot_behind_flush(pg: &Pg, r: &Receiver) -> Result<Option<walship_common::Lsn>> {
+fn check_slot_behind_flush(pg: &Pg, r: &Receiver) -> Result<Option<Lsn>> {
     let restart = pg.slot_restart_lsn(&format!("{SLOT_PREFIX}{}", r.name))?;
     let flush = r.flush_lsn()?;
     if let Some(restart) = restart {
@@ -28,7 +29,9 @@ fn streams_under_load_and_waldump_reads_every_byte() -> Result<()> {
     let pg = Pg::start_primary(&dir, "primary", "")?;
     let sender = Sender::start(&dir, &pg)?;
     let mut r = Receiver::start(&dir, &sender.addr, "r1")?;
-    wait_for("receiver to start streaming", || Ok((!r.requested_starts().is_empty()).then_some(())))?;
+    wait_for("receiver to start streaming", || {
+        Ok((!r.requested_starts().is_empty()).then_some(()))
+    })?;
     let first = r.requested_starts()[0];
     pg.pgbench_init(5)?;
     let mut bench = pg.pgbench(4, 10)?;
@@ -48,28 +51,60 @@ fn streams_under_load_and_waldump_reads_every_byte() -> Result<()> {
         let restart = check_slot_behind_flush(&pg, &r)?;
         Ok(restart.filter(|l| Some(l) > restarts.first()).map(|_| ()))
     })?;
-    assert!(restarts.windows(2).all(|w| w[0] <= w[1]), "restart_lsn went backwards: {restarts:?}");
+    assert!(
+        restarts.windows(2).all(|w| w[0] <= w[1]),
+        "restart_lsn went backwards: {restarts:?}"
+    );
     let records = verify_wal(&r.wal_dir, first, &dir.join("verify"))?;
     assert!(records > 10_000, "pg_waldump read only {records} records");
     let st = r.status()?;
-    let (raw, wire) = (st["raw_bytes"].as_u64().unwrap(), st["wire_bytes"].as_u64().unwrap());
-    eprintln!("raw WAL {raw} bytes, on the wire {wire} bytes ({:.1}%)", 100.0 * wire as f64 / raw as f64);
-    assert!(raw > 0 && wire > 0 && wire < raw, "compression did not happen: raw {raw}, wire {wire}");
-    assert!(st["sealed_segments"].as_u64().unwrap() >= 2, "no sealed segments: {st}");
+    let (raw, wire) = (
+        st["raw_bytes"].as_u64().unwrap(),
+        st["wire_bytes"].as_u64().unwrap(),
+    );
+    eprintln!(
+        "raw WAL {raw} bytes, on the wire {wire} bytes ({:.1}%)",
+        100.0 * wire as f64 / raw as f64
+    );
+    assert!(
+        raw > 0 && wire > 0 && wire < raw,
+        "compression did not happen: raw {raw}, wire {wire}"
+    );
+    assert!(
+        st["sealed_segments"].as_u64().unwrap() >= 2,
+        "no sealed segments: {st}"
+    );
     Ok(())
 }
 
 /// One outage while pgbench writes: before it, note the slot (the receiver's last
 /// acknowledgement reported upstream); after it, the receiver must ask for exactly its
-/// persisted position, which is never behind what it acknowledged.
-fn outage(pg: &Pg, r: &mut Receiver, what: &str, act: impl FnOnce(&mut Receiver) -> Result<()>) -> Result<()> {
+/// persisted position, which is never behind what it acknowledged. `act` returns the
+/// position the receiver must resume at, when the test knows it exactly.
+fn outage(
+    pg: &Pg,
+    r: &mut Receiver,
+    what: &str,
+    act: impl FnOnce(&mut Receiver) -> Result<Option<Lsn>>,
+) -> Result<()> {
     let before = r.requested_starts().len();
     let acked = pg.slot_restart_lsn(&format!("{SLOT_PREFIX}{}", r.name))?;
-    act(r)?;
-    wait_for(&format!("receiver to resume after {what}"), || Ok((r.requested_starts().len() > before).then_some(())))?;
+    let expected = act(r)?;
+    wait_for(&format!("receiver to resume after {what}"), || {
+        Ok((r.requested_starts().len() > before).then_some(()))
+    })?;
     let resumed = *r.requested_starts().last().unwrap();
     if let Some(acked) = acked {
-        assert!(resumed >= acked, "after {what}: resumed at {resumed}, before the acknowledged {acked}");
+        assert!(
+            resumed >= acked,
+            "after {what}: resumed at {resumed}, before the acknowledged {acked}"
+        );
+    }
+    if let Some(expected) = expected {
+        assert_eq!(
+            resumed, expected,
+            "after {what} the receiver must resume at its persisted flush position"
+        );
     }
     eprintln!("{what}: acknowledged {acked:?}, resumed at {resumed}");
     Ok(())
@@ -83,7 +118,9 @@ fn continuity_across_receiver_kills_sender_and_primary_restarts_and_cuts() -> Re
     let mut sender = Sender::start(&dir, &pg)?;
     let proxy = Proxy::start(&sender.addr)?;
     let mut r = Receiver::start(&dir, &proxy.addr, "ro")?;
-    wait_for("receiver to start streaming", || Ok((!r.requested_starts().is_empty()).then_some(())))?;
+    wait_for("receiver to start streaming", || {
+        Ok((!r.requested_starts().is_empty()).then_some(()))
+    })?;
     let first = r.requested_starts()[0];
     let mut bench = pg.pgbench(4, 3600)?;
     let settle = || std::thread::sleep(Duration::from_millis(1500));
@@ -92,19 +129,19 @@ fn continuity_across_receiver_kills_sender_and_primary_restarts_and_cuts() -> Re
         settle();
         outage(&pg, &mut r, &format!("SIGKILL #{}", i + 1), |r| {
             r.proc.kill9();
-            // The persisted position is where it must resume.
             let persisted = r.flush_lsn()?;
             r.spawn()?;
-            wait_for("resume", || Ok((r.requested_starts().len() > 0 && *r.requested_starts().last().unwrap() == persisted).then_some(()))).ok();
-            let last = *r.requested_starts().last().unwrap();
-            assert_eq!(last, persisted, "after SIGKILL the receiver must resume at its persisted flush position");
-            Ok(())
+            Ok(Some(persisted))
         })?;
     }
     settle();
-    outage(&pg, &mut r, "sender restart", |_| sender.restart())?;
+    outage(&pg, &mut r, "sender restart", |_| {
+        sender.restart().map(|_| None)
+    })?;
     settle();
-    outage(&pg, &mut r, "primary restart", |_| pg.restart())?;
+    outage(&pg, &mut r, "primary restart", |_| {
+        pg.restart().map(|_| None)
+    })?;
     // pgbench lost its connections with the restart; load again.
     let _ = bench.kill();
     let _ = bench.wait();
@@ -113,7 +150,7 @@ fn continuity_across_receiver_kills_sender_and_primary_restarts_and_cuts() -> Re
     outage(&pg, &mut r, "TCP cut", |_| {
         let n = proxy.cut();
         assert!(n >= 1, "no connection to cut");
-        Ok(())
+        Ok(None)
     })?;
     settle();
     let _ = bench.kill();
@@ -133,30 +170,55 @@ fn synchronous_commit_waits_for_the_receivers_fsync() -> Result<()> {
     // Create the table before the receiver exists: commits before that would wait.
     let mut r = Receiver::start(&dir, &sender.addr, "rsync")?;
     wait_for("pg_stat_replication to show the receiver as sync", || {
-        Ok((pg.sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'rsync'")? == "sync").then_some(()))
+        Ok((pg
+            .sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'rsync'")?
+            == "sync")
+            .then_some(()))
     })?;
     pg.sql("CREATE TABLE t (v int)")?;
     pg.sql("INSERT INTO t VALUES (1)")?;
 
     r.proc.kill9();
     let mut insert = Command::new(format!("{PG_BIN}/psql"))
-        .args(["-X", "-v", "ON_ERROR_STOP=1", "-d", &pg.conninfo(), "-c", "INSERT INTO t VALUES (2)"])
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &pg.conninfo(),
+            "-c",
+            "INSERT INTO t VALUES (2)",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
     wait_for("the commit to wait for synchronous replication", || {
-        Ok((pg.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")? == "1").then_some(()))
+        Ok(
+            (pg.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")? == "1")
+                .then_some(()),
+        )
     })?;
     std::thread::sleep(Duration::from_secs(2));
-    assert!(insert.try_wait()?.is_none(), "the commit finished while the synchronous receiver was down");
+    assert!(
+        insert.try_wait()?.is_none(),
+        "the commit finished while the synchronous receiver was down"
+    );
 
     r.spawn()?;
     let status = wait_for("the commit to complete", || Ok(insert.try_wait()?))?;
     assert!(status.success());
-    assert_eq!(pg.sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'rsync'")?, "sync");
+    assert_eq!(
+        pg.sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'rsync'")?,
+        "sync"
+    );
     // The commit record is durable on the receiver.
     let commit_lsn = pg.flush_lsn()?;
-    assert!(r.flush_lsn()? >= pg.sql("SELECT flush_lsn FROM pg_stat_replication WHERE application_name = 'rsync'")?.parse()?);
+    assert!(
+        r.flush_lsn()?
+            >= pg
+                .sql("SELECT flush_lsn FROM pg_stat_replication WHERE application_name = 'rsync'")?
+                .parse()?
+    );
     r.wait_flush(commit_lsn)?;
     Ok(())
 }
@@ -168,7 +230,9 @@ fn two_receivers_follow_one_sender_and_garbage_does_not_disturb_them() -> Result
     let sender = Sender::start(&dir, &pg)?;
     let mut a = Receiver::start(&dir, &sender.addr, "ra")?;
     let mut b = Receiver::start(&dir, &sender.addr, "rb")?;
-    wait_for("both to stream", || Ok((!a.requested_starts().is_empty() && !b.requested_starts().is_empty()).then_some(())))?;
+    wait_for("both to stream", || {
+        Ok((!a.requested_starts().is_empty() && !b.requested_starts().is_empty()).then_some(()))
+    })?;
     let (fa, fb) = (a.requested_starts()[0], b.requested_starts()[0]);
     pg.pgbench_init(3)?;
     // Garbage and a half-open connection to the sender while both stream.
@@ -185,7 +249,10 @@ fn two_receivers_follow_one_sender_and_garbage_does_not_disturb_them() -> Result
     b.wait_flush(target)?;
     verify_wal(&a.wal_dir, fa, &dir.join("va"))?;
     verify_wal(&b.wal_dir, fb, &dir.join("vb"))?;
-    assert!(sender.proc.log_text().contains("bad frame magic"), "sender did not report the garbage connection");
+    assert!(
+        sender.proc.log_text().contains("bad frame magic"),
+        "sender did not report the garbage connection"
+    );
     Ok(())
 }
 
@@ -197,13 +264,23 @@ fn store_of_another_cluster_is_refused() -> Result<()> {
     let s1 = Sender::start(&dir, &pg1)?;
     let s2 = Sender::start(&dir, &pg2)?;
     let mut r = Receiver::start(&dir, &s1.addr, "rx")?;
-    wait_for("streaming", || Ok((!r.requested_starts().is_empty()).then_some(())))?;
+    wait_for("streaming", || {
+        Ok((!r.requested_starts().is_empty()).then_some(()))
+    })?;
     r.proc.term();
     r.sender = s2.addr.clone();
     r.spawn()?;
     let st = r.proc.wait_exit()?;
-    assert_eq!(st.code(), Some(4), "expected exit code 4 (cluster mismatch)");
-    assert!(r.proc.log_text().contains("refusing to mix clusters"), "{}", tail(&r.proc.log_text(), 5));
+    assert_eq!(
+        st.code(),
+        Some(4),
+        "expected exit code 4 (cluster mismatch)"
+    );
+    assert!(
+        r.proc.log_text().contains("refusing to mix clusters"),
+        "{}",
+        tail(&r.proc.log_text(), 5)
+    );
     Ok(())
 }
 
@@ -213,7 +290,9 @@ fn corrupt_state_file_is_refused_at_start() -> Result<()> {
     let pg = Pg::start_primary(&dir, "primary", "")?;
     let sender = Sender::start(&dir, &pg)?;
     let mut r = Receiver::start(&dir, &sender.addr, "rc")?;
-    wait_for("streaming", || Ok((!r.requested_starts().is_empty()).then_some(())))?;
+    wait_for("streaming", || {
+        Ok((!r.requested_starts().is_empty()).then_some(()))
+    })?;
     r.proc.term();
     let state = r.wal_dir.join("state");
     let mut bytes = std::fs::read(&state)?;
@@ -222,7 +301,11 @@ fn corrupt_state_file_is_refused_at_start() -> Result<()> {
     r.spawn()?;
     let st = r.proc.wait_exit()?;
     assert_eq!(st.code(), Some(5), "expected exit code 5 (store corrupt)");
-    assert!(r.proc.log_text().contains("corrupt"), "{}", tail(&r.proc.log_text(), 5));
+    assert!(
+        r.proc.log_text().contains("corrupt"),
+        "{}",
+        tail(&r.proc.log_text(), 5)
+    );
     Ok(())
 }
 
@@ -232,7 +315,9 @@ fn receiver_stops_with_advice_when_the_primary_lost_its_wal() -> Result<()> {
     let pg = Pg::start_primary(&dir, "primary", "min_wal_size = 32MB\nmax_wal_size = 64MB")?;
     let sender = Sender::start(&dir, &pg)?;
     let mut r = Receiver::start(&dir, &sender.addr, "rg")?;
-    wait_for("streaming", || Ok((!r.requested_starts().is_empty()).then_some(())))?;
+    wait_for("streaming", || {
+        Ok((!r.requested_starts().is_empty()).then_some(()))
+    })?;
     r.proc.term();
     pg.sql("SELECT pg_drop_replication_slot('walship_rg')")?;
     pg.pgbench_init(6)?;
@@ -242,9 +327,18 @@ fn receiver_stops_with_advice_when_the_primary_lost_its_wal() -> Result<()> {
     }
     r.spawn()?;
     let st = r.proc.wait_exit()?;
-    assert_eq!(st.code(), Some(3), "expected exit code 3 (WAL gone): {}", tail(&r.proc.log_text(), 5));
+    assert_eq!(
+        st.code(),
+        Some(3),
+        "expected exit code 3 (WAL gone): {}",
+        tail(&r.proc.log_text(), 5)
+    );
     let log = r.proc.log_text();
-    assert!(log.contains("no longer has the WAL") && log.contains("Bootstrap"), "{}", tail(&log, 5));
+    assert!(
+        log.contains("no longer has the WAL") && log.contains("Bootstrap"),
+        "{}",
+        tail(&log, 5)
+    );
     Ok(())
 }
 
@@ -255,7 +349,6 @@ fn receiver_rejects_corrupt_truncated_and_oversized_frames() -> Result<()> {
     use std::io::{Read, Write};
     use walship_common::frame::FrameEncoder;
     use walship_common::protocol::{Message, PROTOCOL_VERSION};
-    use walship_common::Lsn;
 
     let dir = TestDir::new("badframes");
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -271,12 +364,24 @@ fn receiver_rejects_corrupt_truncated_and_oversized_frames() -> Result<()> {
             let _ = s.read(&mut scratch); // Hello
             let mut enc = FrameEncoder::new(1)?;
             let mut out = Vec::new();
-            Message::ServerInfo { version: PROTOCOL_VERSION, system_id: 42, timeline: 1, seg_size: 16 << 20, flush_lsn: Lsn(0x300_5000), server_version: "fake".into() }
-                .encode(&mut enc, &mut out)?;
+            Message::ServerInfo {
+                version: PROTOCOL_VERSION,
+                system_id: 42,
+                timeline: 1,
+                seg_size: 16 << 20,
+                flush_lsn: Lsn(0x300_5000),
+                server_version: "fake".into(),
+            }
+            .encode(&mut enc, &mut out)?;
             s.write_all(&out)?;
             let _ = s.read(&mut scratch); // StartStream, Ack
             out.clear();
-            Message::WalData { start_lsn: start, server_flush_lsn: Lsn(0x300_5000), data: wal2.clone() }.encode(&mut enc, &mut out)?;
+            Message::WalData {
+                start_lsn: start,
+                server_flush_lsn: Lsn(0x300_5000),
+                data: wal2.clone(),
+            }
+            .encode(&mut enc, &mut out)?;
             match round {
                 0 => {
                     let at = out.len() - 100;
@@ -303,8 +408,16 @@ fn receiver_rejects_corrupt_truncated_and_oversized_frames() -> Result<()> {
     r.wait_flush(Lsn(start.0 + wal.len() as u64))?;
     server.join().unwrap()?;
     let log = r.proc.log_text();
-    for expected in ["checksum mismatch", "closed in the middle of a frame", "exceeds the limit"] {
-        assert!(log.contains(expected), "no {expected:?} error in the receiver log:\n{}", tail(&log, 20));
+    for expected in [
+        "checksum mismatch",
+        "closed in the middle of a frame",
+        "exceeds the limit",
+    ] {
+        assert!(
+            log.contains(expected),
+            "no {expected:?} error in the receiver log:\n{}",
+            tail(&log, 20)
+        );
     }
     assert!(r.proc.is_running(), "receiver died on bad input");
     assert_eq!(r.flush_lsn()?, Lsn(start.0 + wal.len() as u64));
@@ -320,6 +433,9 @@ fn receiver_rejects_corrupt_truncated_and_oversized_frames() -> Result<()> {
     let seg = std::fs::read(&dest)?;
     assert_eq!(seg.len(), 16 << 20);
     assert_eq!(&seg[..wal.len()], &wal[..]);
-    assert!(seg[wal.len()..].iter().all(|&b| b == 0), "bytes past the flush position were served");
+    assert!(
+        seg[wal.len()..].iter().all(|&b| b == 0),
+        "bytes past the flush position were served"
+    );
     Ok(())
 }

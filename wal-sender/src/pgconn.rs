@@ -395,7 +395,7 @@ impl ReplConn {
                 if !(4..=MAX_BACKEND_MESSAGE).contains(&len) {
                     bail!("PostgreSQL sent a message of invalid length {len}");
                 }
-                if self.rbuf.len() >= 1 + len {
+                if self.rbuf.len() > len {
                     let mut msg = self.rbuf.split_to(1 + len);
                     let tag = msg[0];
                     msg.advance(5);

@@ -194,11 +194,17 @@ async fn session(
     }
     ensure_slot(&mut pg, &slot, start_lsn).await?;
     if let Err(e) = pg.start_replication(&slot, start_lsn, timeline).await {
-        return Err(classify_pg_error(e.context(format!("start replication on slot {slot} at {start_lsn}")), &slot, start_lsn));
+        return Err(classify_pg_error(
+            e.context(format!("start replication on slot {slot} at {start_lsn}")),
+            &slot,
+            start_lsn,
+        ));
     }
     info!(receiver = %name, %start_lsn, timeline, %slot, "streaming WAL");
     // PostgreSQL reports missing WAL only once streaming has begun.
-    stream(pg, rd, dec, out, &name, &slot, start_lsn).await.map_err(|e| classify_pg_error(e, &slot, start_lsn))
+    stream(pg, rd, dec, out, &name, &slot, start_lsn)
+        .await
+        .map_err(|e| classify_pg_error(e, &slot, start_lsn))
 }
 
 /// Makes sure the slot exists and still protects WAL from `start_lsn`.

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Streaming benchmark: walship vs pg_receivewal --synchronous on the same primary in the same
+# run, plus a baseline with no shipping.
+#
+# For each setup it runs `pgbench -c 4 -T $BENCH_SECONDS` and reports:
+#   - primary TPS;
+#   - how far the receiver's acknowledged flush position trails the primary's flush, as
+#     PostgreSQL measures it (pg_stat_replication.flush_lag), p50 and p99, sampled every 100 ms;
+#   - the same in bytes (pg_current_wal_flush_lsn() - flush_lsn), p50 and p99;
+#   - raw WAL bytes and bytes on the wire (walship only: pg_receivewal sends WAL uncompressed).
+# Setups alternate and repeat $BENCH_RUNS times; medians are reported. Raw numbers go to
+# $BENCH_OUT (JSON). Timing is measured here, never asserted in tests.
+#
+# Environment: BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
+# BENCH_RUNS (default 3), BENCH_OUT (default bench-results.json), BENCH_KEEP=1 keeps the
+# temporary directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PG_BIN=/usr/lib/postgresql/15/bin
+SCALE=${BENCH_SCALE:-50}
+SECONDS_PER_RUN=${BENCH_SECONDS:-60}
+RUNS=${BENCH_RUNS:-3}
+OUT=${BENCH_OUT:-bench-results.json}
+
+say() { printf '==> %s\n' "$*" >&2; }
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+cargo build --release --bins -q
+BIN=$(mktemp -d)
+cp target/release/wal-sender target/release/wal-receiver "$BIN/"
+chmod 755 "$BIN" "$BIN"/*
+
+WORK=$(mktemp -d /tmp/walship-bench.XXXXXX)
+chmod 755 "$WORK"
+[ "$(id -u)" = 0 ] && chown postgres "$WORK"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+    as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" stop -m immediate >/dev/null 2>&1 || true
+    if [ -z "${BENCH_KEEP:-}" ]; then rm -rf "$WORK" "$BIN"; else say "kept $WORK"; fi
+}
+trap cleanup EXIT
+
+say "primary: initdb, pgbench -i -s $SCALE"
+as_pg mkdir -p "$WORK/sock"
+as_pg "$PG_BIN/initdb" -D "$WORK/primary" -A trust -U postgres >/dev/null
+cat >> "$WORK/primary/postgresql.conf" <<EOF
+listen_addresses = ''
+unix_socket_directories = '$WORK/sock'
+port = 5432
+wal_level = replica
+max_wal_senders = 10
+max_replication_slots = 10
+max_wal_size = 4GB
+shared_buffers = 256MB
+EOF
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w start >/dev/null
+CONN="host=$WORK/sock port=5432 user=postgres dbname=postgres"
+psql_() { "$PG_BIN/psql" -XAtq -d "$CONN" -c "$1"; }
+"$PG_BIN/pgbench" -i -q -s "$SCALE" -d "$CONN" >/dev/null 2>&1
+
+SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
+"$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" > "$WORK/sender.log" 2>&1 &
+PIDS+=($!)
+sleep 1
+
+# percentile P of the numbers in file F (nearest rank)
+pct() { sort -g "$2" | awk -v p="$1" '{a[NR]=$1} END {if (NR==0) {print "null"; exit} i=int(NR*p/100+0.999); if (i<1) i=1; print a[i]}'; }
+
+# sample APP OUTFILE: every 100 ms, flush lag in ms and in bytes, until killed
+sample() {
+    local app=$1 out=$2
+    while true; do
+        psql_ "SELECT coalesce(extract(epoch FROM flush_lag) * 1000, 0)::numeric(12,3), pg_current_wal_flush_lsn() - flush_lsn FROM pg_stat_replication WHERE application_name = '$app'" >> "$out" || true
+        sleep 0.1
+    done
+}
+
+run_one() {  # setup run -> prints a JSON object
+    local setup=$1 run=$2 app="bench_${1}_$2" dir="$WORK/$1-$2" recv_pid="" sampler=""
+    mkdir -p "$dir"
+    case $setup in
+        walship)
+            "$BIN/wal-receiver" follow --sender "127.0.0.1:$SENDER_PORT" --name "$app" --wal-dir "$dir/wal" > "$dir/receiver.log" 2>&1 &
+            recv_pid=$!
+            ;;
+        pg_receivewal)
+            psql_ "SELECT pg_create_physical_replication_slot('$app', true)" >/dev/null
+            "$PG_BIN/pg_receivewal" -d "$CONN application_name=$app" -S "$app" --synchronous -D "$dir" -n > "$dir/receiver.log" 2>&1 &
+            recv_pid=$!
+            ;;
+    esac
+    if [ -n "$recv_pid" ]; then
+        PIDS+=("$recv_pid")
+        for _ in $(seq 100); do
+            [ -n "$(psql_ "SELECT 1 FROM pg_stat_replication WHERE application_name = '$app'")" ] && break
+            sleep 0.1
+        done
+        sample "$app" "$dir/samples" & sampler=$!
+    fi
+    local wal_start; wal_start=$(psql_ "SELECT pg_current_wal_flush_lsn()")
+    local tps
+    tps=$("$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" -d "$CONN" 2>/dev/null | awk '/^tps/ {print $3; exit}')
+    local wal_bytes; wal_bytes=$(psql_ "SELECT pg_current_wal_flush_lsn() - '$wal_start'")
+    [ -n "$sampler" ] && kill "$sampler" 2>/dev/null && wait "$sampler" 2>/dev/null || true
+    local lag_ms_p50=null lag_ms_p99=null lag_b_p50=null lag_b_p99=null raw=null wire=null
+    if [ -n "$recv_pid" ]; then
+        cut -d'|' -f1 "$dir/samples" > "$dir/ms"; cut -d'|' -f2 "$dir/samples" > "$dir/bytes"
+        lag_ms_p50=$(pct 50 "$dir/ms"); lag_ms_p99=$(pct 99 "$dir/ms")
+        lag_b_p50=$(pct 50 "$dir/bytes"); lag_b_p99=$(pct 99 "$dir/bytes")
+        kill "$recv_pid" 2>/dev/null; wait "$recv_pid" 2>/dev/null || true
+        if [ "$setup" = walship ]; then
+            local st; st=$("$BIN/wal-receiver" status --json --wal-dir "$dir/wal")
+            raw=$(printf '%s' "$st" | sed -E 's/.*"raw_bytes":([0-9]+).*/\1/')
+            wire=$(printf '%s' "$st" | sed -E 's/.*"wire_bytes":([0-9]+).*/\1/')
+        fi
+        psql_ "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('$app', 'walship_$app')" >/dev/null || true
+    fi
+    rm -rf "$dir/wal" "$dir"/0* 2>/dev/null || true
+    printf '{"setup":"%s","run":%s,"tps":%s,"wal_bytes":%s,"flush_lag_ms_p50":%s,"flush_lag_ms_p99":%s,"flush_lag_bytes_p50":%s,"flush_lag_bytes_p99":%s,"raw_bytes":%s,"wire_bytes":%s}\n' \
+        "$setup" "$run" "${tps:-null}" "$wal_bytes" "$lag_ms_p50" "$lag_ms_p99" "$lag_b_p50" "$lag_b_p99" "$raw" "$wire"
+}
+
+RESULTS="$WORK/results.jsonl"
+: > "$RESULTS"
+SETUPS=(none pg_receivewal walship)
+for run in $(seq "$RUNS"); do
+    # Alternate the order between runs so no setup always runs on a warmer cache.
+    if (( run % 2 == 0 )); then order=(walship pg_receivewal none); else order=("${SETUPS[@]}"); fi
+    for setup in "${order[@]}"; do
+        say "run $run/$RUNS: $setup, pgbench -c 4 -T $SECONDS_PER_RUN"
+        run_one "$setup" "$run" | tee -a "$RESULTS" >&2
+    done
+done
+
+# Medians per setup, then ratios walship / pg_receivewal.
+median_of() {  # setup field
+    grep "\"setup\":\"$1\"" "$RESULTS" | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | grep -v null | sort -g \
+        | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
+}
+FIELDS=(tps flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_bytes_p99 wal_bytes raw_bytes wire_bytes)
+{
+    printf '\nStreaming, pgbench -c 4 -T %s, scale %s, median of %s runs\n\n' "$SECONDS_PER_RUN" "$SCALE" "$RUNS"
+    printf '%-22s %14s %14s %14s %12s\n' metric none pg_receivewal walship "walship/pgrw"
+    for f in "${FIELDS[@]}"; do
+        a=$(median_of none "$f"); b=$(median_of pg_receivewal "$f"); c=$(median_of walship "$f")
+        ratio=$(awk -v b="$b" -v c="$c" 'BEGIN { if (b == "null" || c == "null" || b == 0) print "-"; else printf "%.2f", c / b }')
+        printf '%-22s %14s %14s %14s %12s\n' "$f" "$a" "$b" "$c" "$ratio"
+    done
+    raw=$(median_of walship raw_bytes); wire=$(median_of walship wire_bytes)
+    awk -v r="$raw" -v w="$wire" 'BEGIN { if (r != "null" && r > 0) printf "\nwalship wire bytes / raw WAL bytes: %.1f%%\n", 100 * w / r }'
+} | tee "$WORK/table.txt"
+{
+    printf '{"scale":%s,"seconds":%s,"runs":%s,"results":[' "$SCALE" "$SECONDS_PER_RUN" "$RUNS"
+    paste -sd, "$RESULTS"
+    printf ']}\n'
+} > "$ROOT/$OUT"
+say "raw numbers: $OUT"
