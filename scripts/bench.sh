@@ -12,8 +12,9 @@
 # $BENCH_OUT (JSON). Timing is measured here, never asserted in tests.
 #
 # Environment: BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
-# BENCH_RUNS (default 3), BENCH_OUT (default bench-results.json), BENCH_KEEP=1 keeps the
-# temporary directory.
+# BENCH_RUNS (default 3), BENCH_OUT (default bench-results.json), BENCH_SETUPS (default
+# "none pg_receivewal walship"), BENCH_ZSTD_LEVEL (the sender's --zstd-level, default 1),
+# BENCH_KEEP=1 keeps the temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -61,7 +62,7 @@ psql_() { "$PG_BIN/psql" -XAtq -d "$CONN" -c "$1"; }
 "$PG_BIN/pgbench" -i -q -s "$SCALE" -d "$CONN" >/dev/null 2>&1
 
 SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
-"$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" > "$WORK/sender.log" 2>&1 &
+"$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-1}" > "$WORK/sender.log" 2>&1 &
 PIDS+=($!)
 sleep 1
 
@@ -82,7 +83,7 @@ run_one() {  # setup run -> prints a JSON object
     mkdir -p "$dir"
     case $setup in
         walship)
-            "$BIN/wal-receiver" follow --sender "127.0.0.1:$SENDER_PORT" --name "$app" --wal-dir "$dir/wal" > "$dir/receiver.log" 2>&1 &
+            RUST_LOG=${BENCH_RECEIVER_LOG:-info} "$BIN/wal-receiver" follow --sender "127.0.0.1:$SENDER_PORT" --name "$app" --wal-dir "$dir/wal" > "$dir/receiver.log" 2>&1 &
             recv_pid=$!
             ;;
         pg_receivewal)
@@ -95,6 +96,11 @@ run_one() {  # setup run -> prints a JSON object
         PIDS+=("$recv_pid")
         for _ in $(seq 100); do
             [ -n "$(psql_ "SELECT 1 FROM pg_stat_replication WHERE application_name = '$app'")" ] && break
+            sleep 0.1
+        done
+        # Let the receiver catch up with what existed before the load, so only the load is measured.
+        for _ in $(seq 600); do
+            [ "$(psql_ "SELECT coalesce(flush_lsn >= pg_current_wal_flush_lsn(), false) FROM pg_stat_replication WHERE application_name = '$app'")" = t ] && break
             sleep 0.1
         done
         sample "$app" "$dir/samples" & sampler=$!
@@ -124,10 +130,13 @@ run_one() {  # setup run -> prints a JSON object
 
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
-SETUPS=(none pg_receivewal walship)
+read -r -a SETUPS <<< "${BENCH_SETUPS:-none pg_receivewal walship}"
 for run in $(seq "$RUNS"); do
     # Alternate the order between runs so no setup always runs on a warmer cache.
-    if (( run % 2 == 0 )); then order=(walship pg_receivewal none); else order=("${SETUPS[@]}"); fi
+    order=("${SETUPS[@]}")
+    if (( run % 2 == 0 )); then
+        order=(); for (( i = ${#SETUPS[@]} - 1; i >= 0; i-- )); do order+=("${SETUPS[$i]}"); done
+    fi
     for setup in "${order[@]}"; do
         say "run $run/$RUNS: $setup, pgbench -c 4 -T $SECONDS_PER_RUN"
         run_one "$setup" "$run" | tee -a "$RESULTS" >&2
@@ -136,7 +145,7 @@ done
 
 # Medians per setup, then ratios walship / pg_receivewal.
 median_of() {  # setup field
-    grep "\"setup\":\"$1\"" "$RESULTS" | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | grep -v null | sort -g \
+    { grep "\"setup\":\"$1\"" "$RESULTS" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
         | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
 }
 FIELDS=(tps flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_bytes_p99 wal_bytes raw_bytes wire_bytes)
@@ -155,5 +164,5 @@ FIELDS=(tps flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_byte
     printf '{"scale":%s,"seconds":%s,"runs":%s,"results":[' "$SCALE" "$SECONDS_PER_RUN" "$RUNS"
     paste -sd, "$RESULTS"
     printf ']}\n'
-} > "$ROOT/$OUT"
+} > "$(cd "$ROOT" && realpath -m "$OUT")"
 say "raw numbers: $OUT"

@@ -292,7 +292,10 @@ async fn stream(
             }
         }
         if store.write_lsn() > store.flush_lsn() {
+            let t0 = Instant::now();
+            let batch = store.write_lsn().saturating_sub(store.flush_lsn());
             let flush_lsn = tokio::task::block_in_place(|| store.flush()).map_err(store_fatal)?;
+            tracing::debug!(batch, flush_us = t0.elapsed().as_micros() as u64, "flushed");
             link.send(&Message::Ack {
                 write_lsn: store.write_lsn(),
                 flush_lsn,

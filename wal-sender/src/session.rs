@@ -247,8 +247,142 @@ fn classify_pg_error(e: anyhow::Error, slot: &str, start_lsn: Lsn) -> anyhow::Er
     e
 }
 
+/// The largest run of WAL coalesced into one frame.
+const MAX_BATCH: usize = 1 << 20;
+
+/// The upstream side of a stream: what was sent, what was acknowledged.
+struct Upstream<'a> {
+    pg: ReplConn,
+    out: &'a mut Out,
+    sent_lsn: Lsn,
+    ack_write_lsn: Lsn,
+    ack_flush_lsn: Lsn,
+    raw_bytes: u64,
+    /// A message read while coalescing that still has to be handled.
+    pending: Option<CopyMessage>,
+}
+
+impl Upstream<'_> {
+    /// Handles one message from PostgreSQL. WAL that is already buffered behind an XLogData
+    /// message is coalesced into the same frame: it costs no waiting, and larger frames
+    /// compress better.
+    async fn on_copy(&mut self, m: CopyMessage) -> Result<()> {
+        match m {
+            CopyMessage::XLogData {
+                start_lsn,
+                server_flush_lsn,
+                data,
+            } => {
+                let mut data = data.to_vec();
+                let mut server_flush_lsn = server_flush_lsn;
+                self.check_continues(start_lsn, &data)?;
+                while data.len() < MAX_BATCH {
+                    // Polls once: only what has already arrived is taken (recv_copy is
+                    // cancellation-safe, so an unfinished message stays buffered).
+                    match tokio::time::timeout(Duration::ZERO, self.pg.recv_copy()).await {
+                        Ok(Ok(CopyMessage::XLogData {
+                            start_lsn: next,
+                            server_flush_lsn: sf,
+                            data: more,
+                        })) if data.len() + more.len() <= MAX_BATCH => {
+                            self.check_continues(next, &more)?;
+                            data.extend_from_slice(&more);
+                            server_flush_lsn = server_flush_lsn.max(sf);
+                        }
+                        Ok(Ok(other)) => {
+                            self.pending = Some(other);
+                            break;
+                        }
+                        Ok(Err(e)) => return Err(e.context("receive WAL from PostgreSQL")),
+                        Err(_) => break,
+                    }
+                }
+                self.out
+                    .send(&Message::WalData {
+                        start_lsn,
+                        server_flush_lsn,
+                        data,
+                    })
+                    .await
+            }
+            CopyMessage::Keepalive {
+                server_flush_lsn,
+                reply_requested,
+            } => {
+                if reply_requested {
+                    self.report().await?;
+                }
+                if self.out.last_sent.elapsed() >= KEEPALIVE_INTERVAL {
+                    self.out
+                        .send(&Message::Keepalive { server_flush_lsn })
+                        .await?;
+                }
+                Ok(())
+            }
+            CopyMessage::CopyDone => {
+                bail!(
+                    "PostgreSQL ended the replication stream at {} (end of timeline or shutdown)",
+                    self.sent_lsn
+                )
+            }
+        }
+    }
+
+    /// Checks that WAL continues exactly where the stream is, and advances it.
+    fn check_continues(&mut self, start_lsn: Lsn, data: &[u8]) -> Result<()> {
+        if start_lsn != self.sent_lsn {
+            bail!(
+                "PostgreSQL sent WAL at {start_lsn}, expected {}",
+                self.sent_lsn
+            );
+        }
+        self.sent_lsn = start_lsn
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| anyhow!("PostgreSQL sent WAL past the end of the log"))?;
+        self.raw_bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// Sends the receiver's acknowledged positions upstream as a standby status update.
+    async fn report(&mut self) -> Result<()> {
+        self.pg
+            .send_status(self.ack_write_lsn, self.ack_flush_lsn, Lsn::INVALID, false)
+            .await
+    }
+
+    async fn on_ack(&mut self, start_lsn: Lsn, write_lsn: Lsn, flush_lsn: Lsn) -> Result<()> {
+        if flush_lsn < self.ack_flush_lsn {
+            bail!(
+                "receiver acknowledged {flush_lsn}, behind its earlier acknowledgement {}",
+                self.ack_flush_lsn
+            );
+        }
+        if write_lsn > self.sent_lsn.max(start_lsn) {
+            bail!(
+                "receiver acknowledged {write_lsn}, beyond the {} it was sent",
+                self.sent_lsn
+            );
+        }
+        self.ack_write_lsn = write_lsn;
+        self.ack_flush_lsn = flush_lsn;
+        self.report().await
+    }
+
+    async fn on_tick(&mut self) -> Result<()> {
+        self.report().await?;
+        if self.out.last_sent.elapsed() >= KEEPALIVE_INTERVAL {
+            self.out
+                .send(&Message::Keepalive {
+                    server_flush_lsn: self.sent_lsn,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 async fn stream(
-    mut pg: ReplConn,
+    pg: ReplConn,
     mut rd: OwnedReadHalf,
     mut dec: FrameDecoder,
     out: &mut Out,
@@ -275,77 +409,46 @@ async fn stream(
             }
         }
     });
-    let mut sent_lsn = start_lsn;
-    let (mut ack_write_lsn, mut ack_flush_lsn) = (Lsn::INVALID, Lsn::INVALID);
+    let mut up = Upstream {
+        pg,
+        out,
+        sent_lsn: start_lsn,
+        ack_write_lsn: Lsn::INVALID,
+        ack_flush_lsn: Lsn::INVALID,
+        raw_bytes: 0,
+        pending: None,
+    };
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
-    let mut raw_bytes = 0u64;
     let result: Result<()> = loop {
-        tokio::select! {
-            m = pg.recv_copy() => match m {
-                Ok(CopyMessage::XLogData { start_lsn, server_flush_lsn, data }) => {
-                    if start_lsn != sent_lsn {
-                        break Err(anyhow!("PostgreSQL sent WAL at {start_lsn}, expected {sent_lsn}"));
-                    }
-                    let Some(end) = start_lsn.checked_add(data.len() as u64) else {
-                        break Err(anyhow!("PostgreSQL sent WAL past the end of the log"));
-                    };
-                    let msg = Message::WalData { start_lsn, server_flush_lsn, data: data.to_vec() };
-                    if let Err(e) = out.send(&msg).await {
-                        break Err(e);
-                    }
-                    raw_bytes += data.len() as u64;
-                    sent_lsn = end;
-                }
-                Ok(CopyMessage::Keepalive { server_flush_lsn, reply_requested }) => {
-                    if reply_requested {
-                        if let Err(e) = pg.send_status(ack_write_lsn, ack_flush_lsn, Lsn::INVALID, false).await {
-                            break Err(e);
-                        }
-                    }
-                    if out.last_sent.elapsed() >= KEEPALIVE_INTERVAL {
-                        if let Err(e) = out.send(&Message::Keepalive { server_flush_lsn }).await {
-                            break Err(e);
-                        }
-                    }
-                }
-                Ok(CopyMessage::CopyDone) => {
-                    break Err(anyhow!("PostgreSQL ended the replication stream at {sent_lsn} (end of timeline or shutdown)"));
-                }
-                Err(e) => break Err(e.context("receive WAL from PostgreSQL")),
+        if let Some(m) = up.pending.take() {
+            if let Err(e) = up.on_copy(m).await {
+                break Err(e);
+            }
+            continue;
+        }
+        let step = tokio::select! {
+            m = up.pg.recv_copy() => match m {
+                Ok(m) => up.on_copy(m).await,
+                Err(e) => Err(e.context("receive WAL from PostgreSQL")),
             },
             changed = ack_rx.changed() => {
                 if changed.is_err() {
                     break Ok(());
                 }
                 let (write_lsn, flush_lsn) = *ack_rx.borrow_and_update();
-                if flush_lsn < ack_flush_lsn {
-                    break Err(anyhow!("receiver acknowledged {flush_lsn}, behind its earlier acknowledgement {ack_flush_lsn}"));
-                }
-                if write_lsn > sent_lsn.max(start_lsn) {
-                    break Err(anyhow!("receiver acknowledged {write_lsn}, beyond the {sent_lsn} it was sent"));
-                }
-                ack_write_lsn = write_lsn;
-                ack_flush_lsn = flush_lsn;
-                if let Err(e) = pg.send_status(ack_write_lsn, ack_flush_lsn, Lsn::INVALID, false).await {
-                    break Err(e);
-                }
+                up.on_ack(start_lsn, write_lsn, flush_lsn).await
             }
-            _ = status_tick.tick() => {
-                if let Err(e) = pg.send_status(ack_write_lsn, ack_flush_lsn, Lsn::INVALID, false).await {
-                    break Err(e);
-                }
-                if out.last_sent.elapsed() >= KEEPALIVE_INTERVAL {
-                    if let Err(e) = out.send(&Message::Keepalive { server_flush_lsn: sent_lsn }).await {
-                        break Err(e);
-                    }
-                }
-            }
+            _ = status_tick.tick() => up.on_tick().await,
+        };
+        if let Err(e) = step {
+            break Err(e);
         }
     };
     acks.abort();
     let ack_result = acks.await;
-    info!(receiver = %name, %slot, %sent_lsn, %ack_flush_lsn, raw_bytes, wire_bytes = out.wire_bytes, "stream ended");
-    pg.terminate().await;
+    info!(receiver = %name, %slot, sent_lsn = %up.sent_lsn, ack_flush_lsn = %up.ack_flush_lsn, raw_bytes = up.raw_bytes,
+          wire_bytes = up.out.wire_bytes, "stream ended");
+    up.pg.terminate().await;
     match (result, ack_result) {
         (Ok(()), Ok(Err(e))) => Err(e.context("read from receiver")),
         (r, _) => r,
