@@ -10,6 +10,16 @@
 //!   Ack{write_lsn,flush_lsn} ------->       (reported upstream as the standby's flush)
 //!   <------------ Error{code,message}        (either side may end with an error)
 //! ```
+//! A bootstrap session (`Hello.mode == Bootstrap`) continues after `ServerInfo` with:
+//! ```text
+//!   Have{path,sums} ... ------------>       (chunk checksums of files already staged)
+//!   StartBackup -------------------->       (sender: slot, pg_backup_start, walk PGDATA)
+//!   <------------ BackupStart{start_lsn,timeline,total_bytes,file_count,tablespaces}
+//!   <------------ Dir / FileBegin, FileData | FileSame ..., FileEnd   (pg_control last)
+//!   <------------ BackupEnd{stop_lsn,backup_label,tablespace_map}
+//! ```
+//! A file travels in [`CHUNK_LEN`] chunks; a chunk whose checksum pair matches the
+//! receiver's `Have` entry is sent as `FileSame` instead of its bytes.
 //! All integers are little-endian. Strings are a u16 length and UTF-8 bytes. Every decoder
 //! checks each length against the bytes present (and against a small maximum) before use,
 //! and a message with trailing bytes is rejected.
@@ -21,6 +31,14 @@ use crate::lsn::Lsn;
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Longest string field (names, messages, versions).
 pub const MAX_STRING_LEN: usize = 4096;
+/// Longest long-string field (backup_label, tablespace_map).
+pub const MAX_LONG_STRING_LEN: usize = 1 << 20;
+/// Files travel in chunks of this size.
+pub const CHUNK_LEN: u64 = 1 << 20;
+/// Most checksums one `Have` message may carry.
+pub const MAX_SUMS_PER_MESSAGE: usize = 1 << 17;
+/// Most tablespaces a backup may announce.
+pub const MAX_TABLESPACES: usize = 4096;
 /// Longest receiver name: the slot `walship_<name>` must fit PostgreSQL's 63-byte names.
 pub const MAX_NAME_LEN: usize = 63 - "walship_".len();
 
@@ -34,6 +52,57 @@ pub enum Kind {
     Keepalive = 5,
     Ack = 6,
     Error = 7,
+    Have = 8,
+    StartBackup = 9,
+    BackupStart = 10,
+    Dir = 11,
+    FileBegin = 12,
+    FileData = 13,
+    FileSame = 14,
+    FileEnd = 15,
+    BackupEnd = 16,
+}
+
+impl Kind {
+    fn from_u8(k: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match k {
+            1 => Hello,
+            2 => ServerInfo,
+            3 => StartStream,
+            4 => WalData,
+            5 => Keepalive,
+            6 => Ack,
+            7 => Error,
+            8 => Have,
+            9 => StartBackup,
+            10 => BackupStart,
+            11 => Dir,
+            12 => FileBegin,
+            13 => FileData,
+            14 => FileSame,
+            15 => FileEnd,
+            16 => BackupEnd,
+            _ => return None,
+        })
+    }
+}
+
+/// What a receiver wants from a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Stream WAL (`wal-receiver follow`).
+    Follow = 1,
+    /// Take a snapshot of the data directory (`wal-receiver bootstrap`).
+    Bootstrap = 2,
+}
+
+/// The checksum pair that identifies a chunk's content: CRC-32C in the high half, CRC32
+/// (IEEE) in the low half. Two independent 32-bit checksums make an accidental match of a
+/// changed chunk a 1 in 2^64 event.
+pub fn chunk_sum(data: &[u8]) -> u64 {
+    ((crc32c::crc32c(data) as u64) << 32) | crc32fast::hash(data) as u64
 }
 
 /// Error codes a sender can send in [`Message::Error`]. The receiver branches on them.
@@ -69,6 +138,7 @@ pub enum Message {
     Hello {
         version: u16,
         name: String,
+        mode: Mode,
     },
     ServerInfo {
         version: u16,
@@ -99,6 +169,48 @@ pub enum Message {
     Error {
         code: ErrorCode,
         message: String,
+    },
+    /// A staged file's chunk checksums ([`chunk_sum`]) from an earlier attempt.
+    Have {
+        path: String,
+        sums: Vec<u64>,
+    },
+    StartBackup,
+    BackupStart {
+        start_lsn: Lsn,
+        timeline: u32,
+        total_bytes: u64,
+        file_count: u64,
+        /// (oid, location on the primary)
+        tablespaces: Vec<(u32, String)>,
+    },
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    FileBegin {
+        path: String,
+        size: u64,
+        mode: u32,
+    },
+    FileData {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// The chunk at `offset` equals the receiver's staged copy.
+    FileSame {
+        offset: u64,
+        len: u32,
+    },
+    /// `crc32c` covers the whole file as sent, `size` bytes.
+    FileEnd {
+        size: u64,
+        crc32c: u32,
+    },
+    BackupEnd {
+        stop_lsn: Lsn,
+        backup_label: String,
+        tablespace_map: String,
     },
 }
 
@@ -140,6 +252,15 @@ impl Message {
             Message::Keepalive { .. } => Kind::Keepalive,
             Message::Ack { .. } => Kind::Ack,
             Message::Error { .. } => Kind::Error,
+            Message::Have { .. } => Kind::Have,
+            Message::StartBackup => Kind::StartBackup,
+            Message::BackupStart { .. } => Kind::BackupStart,
+            Message::Dir { .. } => Kind::Dir,
+            Message::FileBegin { .. } => Kind::FileBegin,
+            Message::FileData { .. } => Kind::FileData,
+            Message::FileSame { .. } => Kind::FileSame,
+            Message::FileEnd { .. } => Kind::FileEnd,
+            Message::BackupEnd { .. } => Kind::BackupEnd,
         }
     }
 
@@ -148,9 +269,14 @@ impl Message {
     pub fn encode(&self, enc: &mut FrameEncoder, out: &mut Vec<u8>) -> Result<(), FrameError> {
         let mut p = Vec::new();
         match self {
-            Message::Hello { version, name } => {
+            Message::Hello {
+                version,
+                name,
+                mode,
+            } => {
                 p.extend_from_slice(&version.to_le_bytes());
                 put_str(&mut p, name);
+                p.push(*mode as u8);
             }
             Message::ServerInfo {
                 version,
@@ -198,23 +324,74 @@ impl Message {
                 p.extend_from_slice(&(*code as u16).to_le_bytes());
                 put_str(&mut p, message);
             }
+            Message::Have { path, sums } => {
+                put_str(&mut p, path);
+                p.extend_from_slice(&(sums.len() as u32).to_le_bytes());
+                for s in sums {
+                    p.extend_from_slice(&s.to_le_bytes());
+                }
+            }
+            Message::StartBackup => {}
+            Message::BackupStart {
+                start_lsn,
+                timeline,
+                total_bytes,
+                file_count,
+                tablespaces,
+            } => {
+                p.extend_from_slice(&start_lsn.0.to_le_bytes());
+                p.extend_from_slice(&timeline.to_le_bytes());
+                p.extend_from_slice(&total_bytes.to_le_bytes());
+                p.extend_from_slice(&file_count.to_le_bytes());
+                p.extend_from_slice(&(tablespaces.len() as u16).to_le_bytes());
+                for (oid, location) in tablespaces {
+                    p.extend_from_slice(&oid.to_le_bytes());
+                    put_str(&mut p, location);
+                }
+            }
+            Message::Dir { path, mode } => {
+                put_str(&mut p, path);
+                p.extend_from_slice(&mode.to_le_bytes());
+            }
+            Message::FileBegin { path, size, mode } => {
+                put_str(&mut p, path);
+                p.extend_from_slice(&size.to_le_bytes());
+                p.extend_from_slice(&mode.to_le_bytes());
+            }
+            Message::FileData { offset, data } => {
+                p.reserve(8 + data.len());
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(data);
+            }
+            Message::FileSame { offset, len } => {
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+            }
+            Message::FileEnd { size, crc32c } => {
+                p.extend_from_slice(&size.to_le_bytes());
+                p.extend_from_slice(&crc32c.to_le_bytes());
+            }
+            Message::BackupEnd {
+                stop_lsn,
+                backup_label,
+                tablespace_map,
+            } => {
+                p.extend_from_slice(&stop_lsn.0.to_le_bytes());
+                put_long_str(&mut p, backup_label);
+                put_long_str(&mut p, tablespace_map);
+            }
         }
-        let compress = matches!(self, Message::WalData { .. });
+        let compress = matches!(
+            self,
+            Message::WalData { .. } | Message::FileData { .. } | Message::Have { .. }
+        );
         enc.encode(self.kind() as u8, &p, compress, out)
     }
 
     /// Parses a verified frame's payload.
     pub fn decode(frame: &Frame) -> Result<Message, ProtocolError> {
-        let kind = match frame.kind {
-            1 => Kind::Hello,
-            2 => Kind::ServerInfo,
-            3 => Kind::StartStream,
-            4 => Kind::WalData,
-            5 => Kind::Keepalive,
-            6 => Kind::Ack,
-            7 => Kind::Error,
-            k => return Err(ProtocolError::UnknownKind(k)),
-        };
+        let kind = Kind::from_u8(frame.kind).ok_or(ProtocolError::UnknownKind(frame.kind))?;
+        let malformed = |why| ProtocolError::Malformed { kind, why };
         let mut r = Reader {
             buf: &frame.payload,
             kind,
@@ -223,6 +400,11 @@ impl Message {
             Kind::Hello => Message::Hello {
                 version: r.u16()?,
                 name: r.str()?,
+                mode: match r.u8()? {
+                    1 => Mode::Follow,
+                    2 => Mode::Bootstrap,
+                    _ => return Err(malformed("unknown mode")),
+                },
             },
             Kind::ServerInfo => Message::ServerInfo {
                 version: r.u16()?,
@@ -273,6 +455,74 @@ impl Message {
                 code: ErrorCode::from_u16(r.u16()?),
                 message: r.str()?,
             },
+            Kind::Have => {
+                let path = r.str()?;
+                let n = r.u32()? as usize;
+                if n > MAX_SUMS_PER_MESSAGE || r.buf.len() != n * 8 {
+                    return Err(malformed("checksum count does not match the message"));
+                }
+                let mut sums = Vec::with_capacity(n);
+                for _ in 0..n {
+                    sums.push(r.u64()?);
+                }
+                Message::Have { path, sums }
+            }
+            Kind::StartBackup => Message::StartBackup,
+            Kind::BackupStart => {
+                let start_lsn = Lsn(r.u64()?);
+                let timeline = r.u32()?;
+                let total_bytes = r.u64()?;
+                let file_count = r.u64()?;
+                let n = r.u16()? as usize;
+                if n > MAX_TABLESPACES {
+                    return Err(malformed("too many tablespaces"));
+                }
+                let mut tablespaces = Vec::with_capacity(n);
+                for _ in 0..n {
+                    tablespaces.push((r.u32()?, r.str()?));
+                }
+                Message::BackupStart {
+                    start_lsn,
+                    timeline,
+                    total_bytes,
+                    file_count,
+                    tablespaces,
+                }
+            }
+            Kind::Dir => Message::Dir {
+                path: r.str()?,
+                mode: r.u32()?,
+            },
+            Kind::FileBegin => Message::FileBegin {
+                path: r.str()?,
+                size: r.u64()?,
+                mode: r.u32()?,
+            },
+            Kind::FileData => {
+                let offset = r.u64()?;
+                let data = std::mem::take(&mut r.buf).to_vec();
+                if offset.checked_add(data.len() as u64).is_none() {
+                    return Err(malformed("chunk runs past the largest file size"));
+                }
+                Message::FileData { offset, data }
+            }
+            Kind::FileSame => {
+                let offset = r.u64()?;
+                let len = r.u32()?;
+                if len as u64 > CHUNK_LEN || offset.checked_add(len as u64).is_none() {
+                    return Err(malformed("bad chunk length"));
+                }
+                Message::FileSame { offset, len }
+            }
+            Kind::FileEnd => Message::FileEnd {
+                size: r.u64()?,
+                crc32c: r.u32()?,
+            },
+            Kind::BackupEnd => Message::BackupEnd {
+                stop_lsn: Lsn(r.u64()?),
+                backup_label: r.long_str()?,
+                tablespace_map: r.long_str()?,
+            },
         };
         if !r.buf.is_empty() {
             return Err(ProtocolError::Malformed {
@@ -282,6 +532,12 @@ impl Message {
         }
         Ok(msg)
     }
+}
+
+fn put_long_str(p: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(MAX_LONG_STRING_LEN)];
+    p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    p.extend_from_slice(s);
 }
 
 fn put_str(p: &mut Vec<u8>, s: &str) {
@@ -306,6 +562,23 @@ impl<'a> Reader<'a> {
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
         Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take(1)?[0])
+    }
+    fn long_str(&mut self) -> Result<String, ProtocolError> {
+        let len = self.u32()? as usize;
+        if len > MAX_LONG_STRING_LEN {
+            return Err(ProtocolError::Malformed {
+                kind: self.kind,
+                why: "string too long",
+            });
+        }
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| ProtocolError::Malformed {
+            kind: self.kind,
+            why: "string is not UTF-8",
+        })
     }
     fn u16(&mut self) -> Result<u16, ProtocolError> {
         Ok(u16::from_le_bytes(
@@ -348,6 +621,7 @@ mod tests {
             Message::Hello {
                 version: 1,
                 name: "b1".into(),
+                mode: Mode::Bootstrap,
             },
             Message::ServerInfo {
                 version: 1,
@@ -377,6 +651,44 @@ mod tests {
                 code: ErrorCode::WalGone,
                 message: "gone".into(),
             },
+            Message::Have {
+                path: "base/5/1259".into(),
+                sums: vec![1, u64::MAX, 7],
+            },
+            Message::StartBackup,
+            Message::BackupStart {
+                start_lsn: Lsn(0x12000028),
+                timeline: 1,
+                total_bytes: 1 << 30,
+                file_count: 982,
+                tablespaces: vec![(16384, "/srv/ts1".into())],
+            },
+            Message::Dir {
+                path: "base/5".into(),
+                mode: 0o700,
+            },
+            Message::FileBegin {
+                path: "base/5/1259".into(),
+                size: 8192,
+                mode: 0o600,
+            },
+            Message::FileData {
+                offset: 1 << 20,
+                data: vec![3; 5000],
+            },
+            Message::FileSame {
+                offset: 0,
+                len: 1 << 20,
+            },
+            Message::FileEnd {
+                size: 8192,
+                crc32c: 0xdeadbeef,
+            },
+            Message::BackupEnd {
+                stop_lsn: Lsn(0x216637A0),
+                backup_label: "START WAL LOCATION: 0/12000028\n".into(),
+                tablespace_map: String::new(),
+            },
         ]
     }
 
@@ -400,7 +712,7 @@ mod tests {
             let mut wire = Vec::new();
             m.encode(&mut enc, &mut wire).unwrap();
             let f = dec.decode_buf(&wire).unwrap();
-            if !matches!(m, Message::WalData { .. }) {
+            if !matches!(m, Message::WalData { .. } | Message::FileData { .. }) {
                 let mut longer = f.clone();
                 longer.payload.push(0);
                 assert!(
@@ -408,7 +720,9 @@ mod tests {
                     "{m:?} with a trailing byte"
                 );
             }
-            let min_len = if matches!(m, Message::WalData { .. }) {
+            let min_len = if matches!(m, Message::FileData { .. }) {
+                8
+            } else if matches!(m, Message::WalData { .. }) {
                 16
             } else {
                 f.payload.len()

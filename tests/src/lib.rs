@@ -9,12 +9,14 @@
 //! - [`verify_wal`]: every stored segment, fetched with `restore-wal`, read by `pg_waldump`.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -29,16 +31,56 @@ pub fn is_root() -> bool {
 }
 
 /// Where the walship binaries are: `WALSHIP_BIN_DIR`, or the target directory of this test.
+/// When the tests run as root the binaries are copied once into a directory the `postgres`
+/// user can reach, since the checkout may not be readable by it.
 pub fn bin(name: &str) -> PathBuf {
-    if let Ok(d) = std::env::var("WALSHIP_BIN_DIR") {
-        return PathBuf::from(d).join(name);
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let built = match std::env::var("WALSHIP_BIN_DIR") {
+            Ok(d) => PathBuf::from(d),
+            // target/<profile>/deps/<test> -> target/<profile>
+            Err(_) => std::env::current_exe()
+                .expect("current exe")
+                .parent()
+                .and_then(|p| p.parent())
+                .expect("target dir")
+                .to_owned(),
+        };
+        if !is_root() {
+            return built;
+        }
+        let copy = std::env::temp_dir().join(format!("walship-bin-{}", std::process::id()));
+        fs::create_dir_all(&copy).expect("create binary dir");
+        for b in ["wal-sender", "wal-receiver"] {
+            let tmp = copy.join(format!("{b}.tmp"));
+            fs::copy(built.join(b), &tmp).expect("copy binary");
+            fs::rename(&tmp, copy.join(b)).expect("rename binary");
+        }
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod");
+        copy
+    });
+    dir.join(name)
+}
+
+/// The `postgres` user's uid and gid, when the tests run as root.
+pub fn postgres_ids() -> Option<(u32, u32)> {
+    if !is_root() {
+        return None;
     }
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    exe.parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .join(name)
+    let u = nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .expect("the postgres OS user exists");
+    Some((u.uid.as_raw(), u.gid.as_raw()))
+}
+
+/// A walship command that writes what PostgreSQL reads (a standby's data directory, a WAL
+/// store its restore_command reads): run as `postgres` when the tests run as root.
+pub fn as_postgres(mut cmd: Command) -> Command {
+    if let Some((uid, gid)) = postgres_ids() {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
 }
 
 fn pg_tool(name: &str) -> PathBuf {
@@ -178,6 +220,57 @@ impl Pg {
         Ok(pg)
     }
 
+    /// Starts a server on an existing data directory (a restored standby) with its own socket.
+    pub fn start_existing(dir: &TestDir, data: &Path, name: &str) -> Result<Pg> {
+        let sock = dir.join(&format!("{name}-sock"));
+        fs::create_dir_all(&sock)?;
+        if let Some((uid, gid)) = postgres_ids() {
+            nix::unistd::chown(&sock, Some(uid.into()), Some(gid.into()))?;
+        }
+        let mut pg = Pg {
+            data: data.to_owned(),
+            sock: sock.clone(),
+            port: 5432,
+            log: dir.join(&format!("{name}.log")),
+            running: false,
+        };
+        let opts = format!(
+            "-c unix_socket_directories='{}' -c port=5432 -c listen_addresses=''",
+            sock.display()
+        );
+        pg.ctl(&["start", "-w", "-t", "180", "-o", &opts])?;
+        pg.running = true;
+        Ok(pg)
+    }
+
+    /// Tries to start a server on `data` and reports whether PostgreSQL accepted it.
+    pub fn would_start(dir: &TestDir, data: &Path) -> bool {
+        let sock = dir.join("probe-sock");
+        let _ = fs::create_dir_all(&sock);
+        if let Some((uid, gid)) = postgres_ids() {
+            let _ = nix::unistd::chown(&sock, Some(uid.into()), Some(gid.into()));
+        }
+        let mut c = pg_server_cmd("pg_ctl");
+        let opts = format!(
+            "-c unix_socket_directories='{}' -c port=5432 -c listen_addresses=''",
+            sock.display()
+        );
+        c.arg("-D")
+            .arg(data)
+            .arg("-l")
+            .arg(dir.join("probe.log"))
+            .args(["start", "-w", "-t", "20", "-o", &opts]);
+        let started = run(c).is_ok();
+        if started {
+            let mut c = pg_server_cmd("pg_ctl");
+            c.arg("-D")
+                .arg(data)
+                .args(["stop", "-m", "immediate", "-w"]);
+            let _ = run(c);
+        }
+        started
+    }
+
     fn ctl(&self, args: &[&str]) -> Result<String> {
         let mut c = pg_server_cmd("pg_ctl");
         c.arg("-D")
@@ -277,7 +370,7 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Result<Proc> {
         let f = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -343,11 +436,23 @@ impl Proc {
 
     /// The JSON log lines whose message is `message`, as their `fields` objects.
     pub fn log_events(&self, message: &str) -> Vec<serde_json::Value> {
+        self.log_events_starting(message)
+            .into_iter()
+            .filter(|f| f["message"].as_str() == Some(message))
+            .collect()
+    }
+
+    /// The JSON log lines whose message starts with `prefix`, as their `fields` objects.
+    pub fn log_events_starting(&self, prefix: &str) -> Vec<serde_json::Value> {
         self.log_text()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|v| v.get("fields").cloned())
-            .filter(|f| f.get("message").and_then(|m| m.as_str()) == Some(message))
+            .filter(|f| {
+                f.get("message")
+                    .and_then(|m| m.as_str())
+                    .is_some_and(|m| m.starts_with(prefix))
+            })
             .collect()
     }
 }
@@ -412,8 +517,9 @@ pub struct Receiver {
 }
 
 impl Receiver {
-    pub fn start(dir: &TestDir, sender: &str, name: &str) -> Result<Receiver> {
-        let mut r = Receiver {
+    /// A receiver that is not running yet; its store is `<dir>/wal-<name>`.
+    pub fn new(dir: &TestDir, sender: &str, name: &str) -> Receiver {
+        Receiver {
             proc: Proc {
                 child: None,
                 log: dir.join(&format!("receiver-{name}.log")),
@@ -421,7 +527,11 @@ impl Receiver {
             wal_dir: dir.join(&format!("wal-{name}")),
             name: name.to_owned(),
             sender: sender.to_owned(),
-        };
+        }
+    }
+
+    pub fn start(dir: &TestDir, sender: &str, name: &str) -> Result<Receiver> {
+        let mut r = Receiver::new(dir, sender, name);
         r.spawn()?;
         Ok(r)
     }
@@ -481,6 +591,65 @@ impl Receiver {
             .filter_map(|f| f["start_lsn"].as_str().and_then(|s| s.parse().ok()))
             .collect()
     }
+}
+
+/// `wal-receiver bootstrap` as a child process (run as `postgres` when root).
+pub fn bootstrap_cmd(
+    sender: &str,
+    name: &str,
+    pgdata: &Path,
+    wal_dir: &Path,
+    mappings: &[(PathBuf, PathBuf)],
+) -> Command {
+    let mut c = as_postgres(Command::new(bin("wal-receiver")));
+    c.args([
+        "--log-format",
+        "json",
+        "bootstrap",
+        "--sender",
+        sender,
+        "--name",
+        name,
+        "--pgdata",
+    ])
+    .arg(pgdata)
+    .arg("--wal-dir")
+    .arg(wal_dir);
+    for (old, new) in mappings {
+        c.arg("--tablespace-mapping")
+            .arg(format!("{}={}", old.display(), new.display()));
+    }
+    c
+}
+
+/// Makes a directory owned by `postgres` (when root), e.g. for a tablespace.
+pub fn postgres_dir(path: &Path) -> Result<()> {
+    fs::create_dir_all(path)?;
+    if let Some((uid, gid)) = postgres_ids() {
+        nix::unistd::chown(path, Some(uid.into()), Some(gid.into()))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+/// A fingerprint of the pgbench tables (and any extra query) that two servers with the
+/// same data return identically.
+pub fn pgbench_fingerprint(pg: &Pg, extra: &[&str]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for t in [
+        "pgbench_accounts",
+        "pgbench_branches",
+        "pgbench_tellers",
+        "pgbench_history",
+    ] {
+        out.push(pg.sql(&format!(
+            "SELECT '{t}', count(*), coalesce(sum(hashtext(x::text)::bigint), 0) FROM {t} x"
+        ))?);
+    }
+    for q in extra {
+        out.push(pg.sql(q)?);
+    }
+    Ok(out)
 }
 
 pub fn status_json(wal_dir: &Path) -> Result<serde_json::Value> {
@@ -613,12 +782,4 @@ impl Drop for Proxy {
         self.stop.store(true, Ordering::SeqCst);
         self.cut();
     }
-}
-
-/// Reads lines from a child's output until one contains `needle` (for one-shot commands).
-pub fn read_until(r: impl Read, needle: &str) -> Option<String> {
-    BufReader::new(r)
-        .lines()
-        .map_while(|l| l.ok())
-        .find(|l| l.contains(needle))
 }

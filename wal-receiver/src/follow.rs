@@ -15,15 +15,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use walship_common::frame::{FrameDecoder, FrameEncoder};
-use walship_common::protocol::{validate_name, ErrorCode, Message, PROTOCOL_VERSION};
+use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL_VERSION};
 use walship_common::{Lsn, TimelineId, WalSegSize};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreState};
 use crate::{exit, Fatal};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +42,8 @@ pub struct FollowConfig {
     pub name: String,
     pub wal_dir: PathBuf,
     pub start_lsn: Option<Lsn>,
+    /// Stop once the store is flushed to here (bootstrap's stop LSN); `None` follows forever.
+    pub until: Option<Lsn>,
 }
 
 /// Maps a store error to the exit code that tells the operator what is wrong.
@@ -82,9 +84,7 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
             // Never touch the store after a fatal error: a failed fsync is not retried.
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
             Err(e) => warn!(sender = %cfg.sender, "{e:#}; reconnecting in {backoff:?}"),
-            Ok(()) => {
-                warn!(sender = %cfg.sender, "sender closed the connection; reconnecting in {backoff:?}")
-            }
+            Ok(Outcome::Reached) => break,
         }
         // WAL written before the failure was verified and is contiguous: make it durable, so
         // the next session resumes exactly where the store ends.
@@ -106,21 +106,21 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
     Ok(())
 }
 
-struct Link {
+pub struct Link {
     wr: OwnedWriteHalf,
     enc: FrameEncoder,
     buf: Vec<u8>,
 }
 
 impl Link {
-    async fn send(&mut self, m: &Message) -> Result<()> {
+    pub async fn send(&mut self, m: &Message) -> Result<()> {
         self.buf.clear();
         m.encode(&mut self.enc, &mut self.buf)?;
         self.wr.write_all(&self.buf).await.context("send to sender")
     }
 }
 
-fn sender_error(code: ErrorCode, message: String) -> anyhow::Error {
+pub fn sender_error(code: ErrorCode, message: String) -> anyhow::Error {
     match code {
         ErrorCode::WalGone => Fatal {
             code: exit::WAL_GONE,
@@ -137,11 +137,28 @@ fn sender_error(code: ErrorCode, message: String) -> anyhow::Error {
 }
 
 /// One connection: handshake, then receive, store, flush and acknowledge until it fails.
-async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<()> {
-    let sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&cfg.sender))
+/// What the sender said about its primary.
+pub struct ServerInfo {
+    pub system_id: u64,
+    pub timeline: TimelineId,
+    pub seg_size: WalSegSize,
+    pub flush_lsn: Lsn,
+}
+
+/// An open connection to a sender, past the handshake.
+pub struct Connection {
+    pub rd: OwnedReadHalf,
+    pub link: Link,
+    pub dec: FrameDecoder,
+    pub info: ServerInfo,
+}
+
+/// Connects to `sender`, says hello in `mode` and reads its `ServerInfo`.
+pub async fn connect(sender: &str, name: &str, mode: Mode) -> Result<Connection> {
+    let sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sender))
         .await
-        .map_err(|_| anyhow!("connecting to {} timed out", cfg.sender))?
-        .with_context(|| format!("connect to sender {}", cfg.sender))?;
+        .map_err(|_| anyhow!("connecting to {sender} timed out"))?
+        .with_context(|| format!("connect to sender {sender}"))?;
     sock.set_nodelay(true)?;
     let (mut rd, wr) = sock.into_split();
     let mut link = Link {
@@ -152,14 +169,15 @@ async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<()> {
     let mut dec = FrameDecoder::new()?;
     link.send(&Message::Hello {
         version: PROTOCOL_VERSION,
-        name: cfg.name.clone(),
+        name: name.to_owned(),
+        mode,
     })
     .await?;
     let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, dec.read_frame(&mut rd))
         .await
         .map_err(|_| anyhow!("sender did not answer the handshake within {HANDSHAKE_TIMEOUT:?}"))??
         .ok_or_else(|| anyhow!("sender closed the connection during the handshake"))?;
-    let (system_id, timeline, seg_size, server_flush_lsn) = match Message::decode(&frame)? {
+    let info = match Message::decode(&frame)? {
         Message::ServerInfo {
             version,
             system_id,
@@ -176,36 +194,69 @@ async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<()> {
                 message: format!("sender reports an invalid WAL segment size {seg_size}"),
             })?;
             info!(system_id, timeline, %flush_lsn, %server_version, "connected to sender");
-            (system_id, TimelineId(timeline), seg, flush_lsn)
+            ServerInfo {
+                system_id,
+                timeline: TimelineId(timeline),
+                seg_size: seg,
+                flush_lsn,
+            }
         }
         Message::Error { code, message } => return Err(sender_error(code, message)),
         other => bail!("expected ServerInfo from sender, got {:?}", other.kind()),
     };
-    match store.state() {
-        Some(st) => {
-            if st.system_id != system_id {
-                return Err(Fatal { code: exit::MISMATCH, message: format!(
-                    "the sender's primary has system identifier {system_id}, but the WAL store {} holds WAL of system {}; refusing to mix clusters. Use another --wal-dir for this primary",
-                    cfg.wal_dir.display(), st.system_id
-                ) }.into());
-            }
-            if st.seg_size != seg_size {
-                return Err(Fatal {
-                    code: exit::MISMATCH,
-                    message: format!(
-                    "the primary uses {}-byte WAL segments but the store holds {}-byte segments",
-                    seg_size.bytes(), st.seg_size.bytes()
-                ),
-                }
-                .into());
-            }
-            if st.timeline != timeline {
-                return Err(Fatal { code: exit::MISMATCH, message: format!(
-                    "the primary is on timeline {timeline} but the store holds timeline {}; following a timeline switch is not supported yet",
-                    st.timeline
-                ) }.into());
-            }
+    Ok(Connection {
+        rd,
+        link,
+        dec,
+        info,
+    })
+}
+
+/// Refuses a sender whose primary is not the cluster the store holds.
+pub fn check_same_cluster(
+    st: &StoreState,
+    info: &ServerInfo,
+    wal_dir: &std::path::Path,
+) -> Result<()> {
+    if st.system_id != info.system_id {
+        return Err(Fatal { code: exit::MISMATCH, message: format!(
+            "the sender's primary has system identifier {}, but the WAL store {} holds WAL of system {}; refusing to mix clusters. Use another --wal-dir for this primary",
+            info.system_id, wal_dir.display(), st.system_id
+        ) }.into());
+    }
+    if st.seg_size != info.seg_size {
+        return Err(Fatal {
+            code: exit::MISMATCH,
+            message: format!(
+                "the primary uses {}-byte WAL segments but the store holds {}-byte segments",
+                info.seg_size.bytes(),
+                st.seg_size.bytes()
+            ),
         }
+        .into());
+    }
+    if st.timeline != info.timeline {
+        return Err(Fatal { code: exit::MISMATCH, message: format!(
+            "the primary is on timeline {} but the store holds timeline {}; following a timeline switch is not supported yet",
+            info.timeline, st.timeline
+        ) }.into());
+    }
+    Ok(())
+}
+
+/// One connection: handshake, then receive, store, flush and acknowledge until it fails,
+/// or until the store reaches `cfg.until`.
+async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<Outcome> {
+    let Connection {
+        mut rd,
+        mut link,
+        mut dec,
+        info,
+    } = connect(&cfg.sender, &cfg.name, Mode::Follow).await?;
+    let (system_id, timeline, seg_size, server_flush_lsn) =
+        (info.system_id, info.timeline, info.seg_size, info.flush_lsn);
+    match store.state() {
+        Some(st) => check_same_cluster(st, &info, &cfg.wal_dir)?,
         None => {
             let start_lsn = cfg
                 .start_lsn
@@ -217,6 +268,9 @@ async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<()> {
         }
     }
     let start_lsn = store.flush_lsn();
+    if cfg.until.is_some_and(|until| start_lsn >= until) {
+        return Ok(Outcome::Reached);
+    }
     link.send(&Message::StartStream {
         start_lsn,
         timeline: timeline.0,
@@ -245,9 +299,16 @@ async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<()> {
             }
         }
     });
-    let result = stream(store, &mut rx, &mut link, server_flush_lsn).await;
+    let result = stream(store, &mut rx, &mut link, server_flush_lsn, cfg.until).await;
     reader.abort();
     result
+}
+
+/// How a session ended without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// The store reached the position it was asked to reach.
+    Reached,
 }
 
 async fn stream(
@@ -255,7 +316,8 @@ async fn stream(
     rx: &mut mpsc::Receiver<Result<(Message, u64)>>,
     link: &mut Link,
     mut server_flush_lsn: Lsn,
-) -> Result<()> {
+    until: Option<Lsn>,
+) -> Result<Outcome> {
     let mut last_log = Instant::now();
     loop {
         let first = tokio::time::timeout(IDLE_TIMEOUT, rx.recv())
@@ -301,6 +363,9 @@ async fn stream(
                 flush_lsn,
             })
             .await?;
+            if until.is_some_and(|until| flush_lsn >= until) {
+                return Ok(Outcome::Reached);
+            }
         }
         if last_log.elapsed() >= PROGRESS_INTERVAL {
             last_log = Instant::now();

@@ -3,11 +3,15 @@
 //!
 //! - [`store`]: the WAL store and its state file.
 //! - [`sealed`]: complete segments, compressed and checksummed at rest.
+//! - [`bootstrap`]: a new standby from a snapshot of the primary.
+//! - [`paths`]: checks on file names from the network.
 //! - [`follow`]: the streaming loop with group commit and reconnects.
 //! - [`restore`]: the `restore_command` helper.
 //! - [`status`]: what a store holds.
 
+pub mod bootstrap;
 pub mod follow;
+pub mod paths;
 pub mod restore;
 pub mod sealed;
 pub mod status;
@@ -30,6 +34,8 @@ pub mod exit {
     pub const STORE_LOCKED: u8 = 6;
     /// A write or fsync to the store failed; nothing unsynced was acknowledged.
     pub const DISK: u8 = 7;
+    /// `bootstrap` was given a non-empty directory that holds no unfinished bootstrap.
+    pub const TARGET_NOT_EMPTY: u8 = 8;
 }
 
 /// An error that ends the process with a specific exit code instead of a retry.

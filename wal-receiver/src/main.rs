@@ -39,6 +39,30 @@ enum Command {
         #[arg(long, value_name = "LSN")]
         start_lsn: Option<Lsn>,
     },
+    /// Make a new standby from a live primary: restore a consistent snapshot into --pgdata,
+    /// store WAL through the snapshot's stop position in --wal-dir, and write the recovery
+    /// settings. Exits 0 once everything is fsynced; then start the standby with pg_ctl and
+    /// keep `follow` running on the same --wal-dir. An interrupted bootstrap can be run again:
+    /// it resumes, and files already received and unchanged on the primary are not sent again.
+    Bootstrap {
+        /// The wal-sender to take the snapshot from.
+        #[arg(long, value_name = "HOST:PORT")]
+        sender: String,
+        /// This receiver's name (slot walship_NAME); use the same name for `follow`.
+        #[arg(long)]
+        name: String,
+        /// The standby's data directory: created if missing, must be empty (or hold an
+        /// unfinished bootstrap to resume).
+        #[arg(long, value_name = "DIR")]
+        pgdata: PathBuf,
+        /// The WAL store directory, as for `follow`.
+        #[arg(long, value_name = "DIR")]
+        wal_dir: PathBuf,
+        /// Put the tablespace that is at OLD on the primary into NEW here (repeatable, as
+        /// with pg_basebackup). Needed whenever the standby runs on the primary's host.
+        #[arg(long, value_name = "OLD=NEW", value_parser = parse_mapping)]
+        tablespace_mapping: Vec<(PathBuf, PathBuf)>,
+    },
     /// Copy one WAL file from the store to DEST: for restore_command, as
     /// `wal-receiver restore-wal --wal-dir DIR %f %p`. Exits 1 when the file is not there.
     RestoreWal {
@@ -62,6 +86,22 @@ enum Command {
     },
 }
 
+fn parse_mapping(s: &str) -> Result<(PathBuf, PathBuf), String> {
+    let (old, new) = s.split_once('=').ok_or("expected OLD=NEW")?;
+    let (old, new) = (PathBuf::from(old), PathBuf::from(new));
+    if !old.is_absolute() || !new.is_absolute() {
+        return Err("both directories of a tablespace mapping must be absolute".into());
+    }
+    Ok((old, new))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
@@ -71,23 +111,37 @@ fn main() -> ExitCode {
             name,
             wal_dir,
             start_lsn,
-        } => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build();
-            match rt {
-                Ok(rt) => rt.block_on(wal_receiver::follow::follow(
-                    wal_receiver::follow::FollowConfig {
+        } => runtime().and_then(|rt| {
+            rt.block_on(wal_receiver::follow::follow(
+                wal_receiver::follow::FollowConfig {
+                    sender,
+                    name,
+                    wal_dir,
+                    start_lsn,
+                    until: None,
+                },
+            ))
+        }),
+        Command::Bootstrap {
+            sender,
+            name,
+            pgdata,
+            wal_dir,
+            tablespace_mapping,
+        } => std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|restore_bin| {
+                runtime()?.block_on(wal_receiver::bootstrap::bootstrap(
+                    wal_receiver::bootstrap::BootstrapConfig {
                         sender,
                         name,
+                        pgdata,
                         wal_dir,
-                        start_lsn,
+                        tablespace_mapping,
+                        restore_bin,
                     },
-                )),
-                Err(e) => Err(e.into()),
-            }
-        }
+                ))
+            }),
         Command::RestoreWal {
             wal_dir,
             file,

@@ -6,6 +6,7 @@
 
 pub mod pgconn;
 pub mod session;
+pub mod snapshot;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ pub struct ServeConfig {
     pub listen: String,
     pub zstd_level: i32,
     pub max_connections: usize,
+    pub pgdata: Option<std::path::PathBuf>,
 }
 
 /// Accepts receivers until SIGINT or SIGTERM.
@@ -44,6 +46,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     let session_cfg = SessionConfig {
         pg,
         zstd_level: cfg.zstd_level,
+        pgdata: cfg.pgdata.clone(),
     };
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

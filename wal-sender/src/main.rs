@@ -37,6 +37,10 @@ enum Command {
         /// Most receivers connected at once; more are closed at once.
         #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
+        /// The primary's data directory, read for snapshots. Default: the server's
+        /// data_directory setting (the sender must run on the primary's host).
+        #[arg(long, value_name = "DIR")]
+        pgdata: Option<std::path::PathBuf>,
     },
 }
 
@@ -56,11 +60,13 @@ fn main() -> ExitCode {
             listen,
             zstd_level,
             max_connections,
+            pgdata,
         } => rt.block_on(wal_sender::serve(wal_sender::ServeConfig {
             pg_conn,
             listen,
             zstd_level,
             max_connections,
+            pgdata,
         })),
     };
     match result {

@@ -18,10 +18,11 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use walship_common::frame::{FrameDecoder, FrameEncoder};
-use walship_common::protocol::{validate_name, ErrorCode, Message, PROTOCOL_VERSION};
+use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL_VERSION};
 use walship_common::{Lsn, WalSegSize};
 
 use crate::pgconn::{CopyMessage, PgError, ReplConn};
+use crate::snapshot::{self, ChunkReader, Entry, Have};
 
 /// How long a receiver has to complete the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,6 +36,8 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub struct SessionConfig {
     pub pg: tokio_postgres::Config,
     pub zstd_level: i32,
+    /// The primary's data directory, when given on the command line.
+    pub pgdata: Option<std::path::PathBuf>,
 }
 
 /// An error to send to the receiver before closing.
@@ -134,15 +137,19 @@ async fn session(
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut dec, &mut rd))
         .await
         .map_err(|_| anyhow!("handshake not completed within {HANDSHAKE_TIMEOUT:?}"))??;
-    let name = match hello {
-        Message::Hello { version, name } => {
+    let (name, mode) = match hello {
+        Message::Hello {
+            version,
+            name,
+            mode,
+        } => {
             if version != PROTOCOL_VERSION {
                 return Err(refuse(ErrorCode::Version, format!(
                     "receiver speaks walship protocol version {version}, this sender speaks {PROTOCOL_VERSION}; run the same walship version on both hosts"
                 )));
             }
             validate_name(&name).map_err(|m| refuse(ErrorCode::BadName, m))?;
-            name
+            (name, mode)
         }
         other => bail!("expected Hello, got {:?}", other.kind()),
     };
@@ -167,6 +174,9 @@ async fn session(
         server_version: pg.server_version.clone(),
     })
     .await?;
+    if mode == Mode::Bootstrap {
+        return bootstrap(pg, rd, dec, out, cfg, &name, &slot).await;
+    }
 
     let (start_lsn, timeline) =
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut dec, &mut rd))
@@ -453,4 +463,168 @@ async fn stream(
         (Ok(()), Ok(Err(e))) => Err(e.context("read from receiver")),
         (r, _) => r,
     }
+}
+
+/// Serves one snapshot: the receiver's staged checksums, slot, `pg_backup_start`, the walk,
+/// every file in chunks, `pg_backup_stop`. The SQL session that started the backup stays
+/// open until it is stopped; if this session fails, dropping it aborts the backup.
+async fn bootstrap(
+    mut pg: ReplConn,
+    mut rd: OwnedReadHalf,
+    mut dec: FrameDecoder,
+    out: &mut Out,
+    cfg: &SessionConfig,
+    name: &str,
+    slot: &str,
+) -> Result<()> {
+    let mut have = Have::default();
+    loop {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut dec, &mut rd))
+            .await
+            .map_err(|_| {
+                anyhow!("receiver sent nothing for {HANDSHAKE_TIMEOUT:?} before the backup")
+            })?? {
+            Message::Have { path, sums } => have.add(path, sums)?,
+            Message::StartBackup => break,
+            other => bail!("expected Have or StartBackup, got {:?}", other.kind()),
+        }
+    }
+    let (sql, connection) = cfg
+        .pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .context("open an SQL session on the primary")?;
+    let connection = tokio::spawn(connection);
+    let result = copy(&mut pg, &sql, out, &have, cfg, name, slot).await;
+    drop(sql);
+    connection.abort();
+    pg.terminate().await;
+    result
+}
+
+async fn copy(
+    pg: &mut ReplConn,
+    sql: &tokio_postgres::Client,
+    out: &mut Out,
+    have: &Have,
+    cfg: &SessionConfig,
+    name: &str,
+    slot: &str,
+) -> Result<()> {
+    let pgdata = snapshot::data_directory(sql, cfg.pgdata.as_deref()).await?;
+    // The slot must reserve WAL before the backup starts, or the backup's first segments
+    // could be recycled before the copy ends.
+    ensure_slot(pg, slot, Lsn::INVALID).await?;
+    let label = format!("walship {name}");
+    let start_lsn: Lsn = sql
+        .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
+        .await
+        .context("pg_backup_start")?
+        .get::<_, String>(0)
+        .parse()?;
+    let timeline = sql
+        .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+        .await
+        .context("read the checkpoint timeline")?
+        .get::<_, i32>(0) as u32;
+    let tablespaces = snapshot::tablespaces(sql).await?;
+    info!(receiver = %name, %start_lsn, timeline, tablespaces = tablespaces.len(), "backup started");
+    let walk_dir = pgdata.clone();
+    let walk_ts = tablespaces.clone();
+    let entries =
+        tokio::task::spawn_blocking(move || snapshot::walk(&walk_dir, &walk_ts)).await??;
+    snapshot::log_walk(&entries);
+    let total_bytes: u64 = entries.iter().map(Entry::size).sum();
+    let file_count = entries
+        .iter()
+        .filter(|e| matches!(e, Entry::File { .. }))
+        .count() as u64;
+    out.send(&Message::BackupStart {
+        start_lsn,
+        timeline,
+        total_bytes,
+        file_count,
+        tablespaces: tablespaces
+            .iter()
+            .map(|(oid, p)| (*oid, p.display().to_string()))
+            .collect(),
+    })
+    .await?;
+    let (mut sent, mut skipped) = (0u64, 0u64);
+    for entry in &entries {
+        match entry {
+            Entry::Dir { rel, mode } => {
+                out.send(&Message::Dir {
+                    path: rel.clone(),
+                    mode: *mode,
+                })
+                .await?;
+            }
+            Entry::File {
+                rel,
+                abs,
+                size,
+                mode,
+            } => {
+                let mut reader = ChunkReader::open(abs, *size)?;
+                out.send(&Message::FileBegin {
+                    path: rel.clone(),
+                    size: *size,
+                    mode: *mode,
+                })
+                .await?;
+                let mut crc = 0u32;
+                let mut index = 0u64;
+                loop {
+                    let offset = reader.offset;
+                    let chunk = tokio::task::block_in_place(|| reader.next_chunk())
+                        .with_context(|| format!("read {}", abs.display()))?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    crc = crc32c::crc32c_append(crc, &chunk);
+                    if !have.is_empty() && have.holds(rel, index, &chunk) {
+                        skipped += chunk.len() as u64;
+                        out.send(&Message::FileSame {
+                            offset,
+                            len: chunk.len() as u32,
+                        })
+                        .await?;
+                    } else {
+                        sent += chunk.len() as u64;
+                        out.send(&Message::FileData {
+                            offset,
+                            data: chunk,
+                        })
+                        .await?;
+                    }
+                    index += 1;
+                }
+                out.send(&Message::FileEnd {
+                    size: reader.offset,
+                    crc32c: crc,
+                })
+                .await?;
+            }
+        }
+    }
+    let row = sql
+        .query_one(
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
+            &[],
+        )
+        .await
+        .context("pg_backup_stop")?;
+    let stop_lsn: Lsn = row.get::<_, String>(0).parse()?;
+    let backup_label: String = row.get(1);
+    let tablespace_map: String = row.get::<_, Option<String>>(2).unwrap_or_default();
+    out.send(&Message::BackupEnd {
+        stop_lsn,
+        backup_label,
+        tablespace_map,
+    })
+    .await?;
+    info!(receiver = %name, %start_lsn, %stop_lsn, files = file_count, sent_bytes = sent, skipped_bytes = skipped,
+          wire_bytes = out.wire_bytes, "backup sent");
+    Ok(())
 }

@@ -1,0 +1,284 @@
+#!/usr/bin/env bash
+# Turns this host into a hot standby fed by walship:
+#   1. wal-receiver bootstrap  (snapshot of the primary into --pgdata, WAL into --wal-dir)
+#   2. wal-receiver follow     (in the background, keeps --wal-dir current)
+#   3. pg_ctl start            (the standby replays WAL through restore_command)
+# and waits until the standby answers read-only queries. Run it with --help for the flags.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
+REPO=$(dirname "$SCRIPT_DIR")
+
+usage() {
+    cat <<EOF
+Usage: $(basename "$0") --sender HOST:PORT --name NAME --pgdata DIR --port PORT [options]
+
+Bootstraps a PostgreSQL 15 hot standby from a wal-sender, starts 'wal-receiver follow' in
+the background and starts the standby. Run it on the new standby host, as root or as the
+OS user that will run PostgreSQL. As root, PostgreSQL and wal-receiver run as 'postgres'.
+
+Required:
+  --sender HOST:PORT          the wal-sender on the primary's host
+  --name NAME                 this receiver's name ([a-z0-9_], at most 55 characters); the
+                              primary keeps WAL for it in the replication slot walship_NAME
+  --pgdata DIR                the standby's data directory; must be empty or absent
+  --port PORT                 the port the standby listens on
+
+Options:
+  --wal-dir DIR               the WAL store (default: <pgdata>.wal). The standby's
+                              restore_command reads it, so keep it as long as the standby
+  --tablespace-mapping OLD=NEW
+                              restore the primary's tablespace OLD into directory NEW on
+                              this host; repeat for each tablespace
+  --socket-dir DIR            start the standby with unix_socket_directories=DIR (default:
+                              whatever the primary's configuration says)
+  --bin DIR                   where wal-receiver lives (default: the directory of
+                              'command -v wal-receiver', else $REPO/target/release)
+  --pg-bin DIR                PostgreSQL 15 binaries (default: /usr/lib/postgresql/15/bin)
+  --db-user USER              role used to check the standby with psql (default: postgres)
+  --timeout SECONDS           how long to wait for the standby to accept queries (default: 300)
+  -h, --help                  show this help
+
+Files it creates next to the WAL store and the data directory:
+  <wal-dir>.follow.log        log of 'wal-receiver follow'
+  <wal-dir>.follow.pid        its process id (stop it with: kill \$(cat <wal-dir>.follow.pid))
+  <pgdata>.log                the standby's server log
+  <wal-dir>.bin/              as root only, when the postgres user cannot run the binaries
+                              where they are: a copy of wal-receiver (restore_command uses it)
+EOF
+}
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+IS_ROOT=false
+[ "$(id -u)" = 0 ] && IS_ROOT=true
+# as_pg CMD...: run CMD as the postgres OS user when we are root.
+as_pg() { if $IS_ROOT; then runuser -u postgres -- "$@"; else "$@"; fi; }
+PG_USER="user $(id -un)"
+! $IS_ROOT || PG_USER="the postgres user"
+
+SENDER="" NAME="" PGDATA_DIR="" PORT="" WAL_DIR="" SOCKET_DIR="" BIN="" DB_USER=postgres
+PG_BIN=/usr/lib/postgresql/15/bin
+TIMEOUT=300
+MAPPINGS=()
+
+need_value() { if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see --help)"; fi; }
+while [ $# -gt 0 ]; do
+    case $1 in
+        -h|--help) usage; exit 0 ;;
+        --sender) need_value "$@"; SENDER=$2; shift 2 ;;
+        --name) need_value "$@"; NAME=$2; shift 2 ;;
+        --pgdata) need_value "$@"; PGDATA_DIR=$2; shift 2 ;;
+        --port) need_value "$@"; PORT=$2; shift 2 ;;
+        --wal-dir) need_value "$@"; WAL_DIR=$2; shift 2 ;;
+        --tablespace-mapping) need_value "$@"; MAPPINGS+=("$2"); shift 2 ;;
+        --socket-dir) need_value "$@"; SOCKET_DIR=$2; shift 2 ;;
+        --bin) need_value "$@"; BIN=$2; shift 2 ;;
+        --pg-bin) need_value "$@"; PG_BIN=$2; shift 2 ;;
+        --db-user) need_value "$@"; DB_USER=$2; shift 2 ;;
+        --timeout) need_value "$@"; TIMEOUT=$2; shift 2 ;;
+        *) die "unknown argument '$1' (see --help)" ;;
+    esac
+done
+
+# --- checks -------------------------------------------------------------------------------
+[ -n "$SENDER" ] || die "--sender HOST:PORT is required (see --help)"
+[ -n "$NAME" ] || die "--name NAME is required (see --help)"
+[ -n "$PGDATA_DIR" ] || die "--pgdata DIR is required (see --help)"
+[ -n "$PORT" ] || die "--port PORT is required (see --help)"
+[[ $SENDER == *:* ]] || die "--sender must be HOST:PORT, got '$SENDER'"
+[[ $NAME =~ ^[a-z0-9_]{1,55}$ ]] || die "--name must be 1 to 55 characters of [a-z0-9_], got '$NAME'"
+if ! [[ $PORT =~ ^[0-9]{1,5}$ ]] || [ "$PORT" -lt 1 ] || [ "$PORT" -gt 65535 ]; then
+    die "--port must be a number from 1 to 65535, got '$PORT'"
+fi
+[[ $TIMEOUT =~ ^[0-9]+$ ]] || die "--timeout must be a number of seconds, got '$TIMEOUT'"
+for m in "${MAPPINGS[@]+"${MAPPINGS[@]}"}"; do
+    [[ $m == ?*=?* ]] || die "--tablespace-mapping must be OLD=NEW, got '$m'"
+done
+
+# Absolute paths: pg_ctl, restore_command and the pid file must not depend on our cwd.
+PGDATA_DIR=$(realpath -m "$PGDATA_DIR")
+WAL_DIR=$(realpath -m "${WAL_DIR:-$PGDATA_DIR.wal}")
+[ -z "$SOCKET_DIR" ] || SOCKET_DIR=$(realpath -m "$SOCKET_DIR")
+FOLLOW_LOG="$WAL_DIR.follow.log"
+FOLLOW_PID="$WAL_DIR.follow.pid"
+PG_LOG="$PGDATA_DIR.log"
+
+for tool in pg_ctl pg_isready psql; do
+    [ -x "$PG_BIN/$tool" ] || die "$PG_BIN/$tool not found: install PostgreSQL 15 (apt-get install postgresql-15) or pass --pg-bin"
+done
+if $IS_ROOT; then
+    id postgres >/dev/null 2>&1 || die "running as root, but there is no 'postgres' OS user to run PostgreSQL and wal-receiver as"
+fi
+
+if [ -z "$BIN" ]; then
+    if command -v wal-receiver >/dev/null 2>&1; then
+        BIN=$(dirname "$(command -v wal-receiver)")
+    else
+        BIN="$REPO/target/release"
+    fi
+fi
+BIN=$(realpath -m "$BIN")
+[ -x "$BIN/wal-receiver" ] || die "$BIN/wal-receiver not found: build it with 'cargo build --release' or pass --bin DIR"
+
+if [ -e "$PGDATA_DIR" ]; then
+    [ -d "$PGDATA_DIR" ] || die "--pgdata $PGDATA_DIR exists and is not a directory"
+    [ -z "$(ls -A "$PGDATA_DIR")" ] || die "--pgdata $PGDATA_DIR is not empty; bootstrap needs an empty or absent directory"
+fi
+if [ -f "$FOLLOW_PID" ] && kill -0 "$(cat "$FOLLOW_PID")" 2>/dev/null; then
+    die "a wal-receiver follow is already running for $WAL_DIR (pid $(cat "$FOLLOW_PID"), from $FOLLOW_PID)"
+fi
+
+# --- the binary the postgres user runs ----------------------------------------------------
+# As root, wal-receiver runs as postgres, and the standby's restore_command runs it too, for
+# as long as the standby lives. If postgres cannot run it where it is (e.g. under /root),
+# copy it next to the WAL store, where it stays.
+if $IS_ROOT && ! runuser -u postgres -- test -x "$BIN/wal-receiver"; then
+    say "the postgres user cannot run $BIN/wal-receiver; copying it to $WAL_DIR.bin"
+    mkdir -p "$WAL_DIR.bin"
+    cp "$BIN/wal-receiver" "$WAL_DIR.bin/wal-receiver"
+    chmod 755 "$WAL_DIR.bin" "$WAL_DIR.bin/wal-receiver"
+    BIN="$WAL_DIR.bin"
+    runuser -u postgres -- test -x "$BIN/wal-receiver" \
+        || die "the postgres user cannot run $BIN/wal-receiver either: check the permissions of $(dirname "$WAL_DIR")"
+fi
+RECEIVER="$BIN/wal-receiver"
+
+# --- directories ------------------------------------------------------------------------
+# As root, bootstrap and pg_ctl run as postgres, so postgres must be able to create or write
+# the data directory, the WAL store, the socket directory and the tablespace directories.
+# Where their parent belongs to root (e.g. /var/lib/walship), create them here for postgres.
+pg_can() { if $IS_ROOT; then runuser -u postgres -- test "$@"; else test "$@"; fi; }
+nearest_existing() { local d=$1; while [ ! -e "$d" ]; do d=$(dirname "$d"); done; printf '%s' "$d"; }
+prepare_dir() {  # DIR MODE
+    local dir=$1 mode=$2
+    if [ -e "$dir" ]; then
+        if ! pg_can -w "$dir" && $IS_ROOT && [ -d "$dir" ] && [ -z "$(ls -A "$dir")" ]; then
+            chown postgres: "$dir"; chmod "$mode" "$dir"
+        fi
+    elif ! pg_can -w "$(nearest_existing "$dir")"; then
+        if $IS_ROOT; then
+            mkdir -p "$dir"; chown postgres: "$dir"; chmod "$mode" "$dir"
+        fi
+    fi
+    local probe=$dir
+    [ -e "$dir" ] || probe=$(nearest_existing "$dir")
+    pg_can -w "$probe" -a -x "$probe" || die "$PG_USER cannot write $probe (needed for $dir)"
+}
+prepare_dir "$PGDATA_DIR" 700
+prepare_dir "$WAL_DIR" 700
+for m in "${MAPPINGS[@]+"${MAPPINGS[@]}"}"; do
+    [[ $m == *\\* ]] || prepare_dir "${m#*=}" 700  # (skip paths with escaped '=')
+done
+if [ -n "$SOCKET_DIR" ]; then
+    [ -d "$SOCKET_DIR" ] || { mkdir -p "$SOCKET_DIR"; ! $IS_ROOT || chown postgres: "$SOCKET_DIR"; }
+    pg_can -w "$SOCKET_DIR" || die "the standby cannot create its socket in --socket-dir $SOCKET_DIR"
+fi
+if $IS_ROOT; then
+    touch "$PG_LOG"
+    chown postgres: "$PG_LOG"
+fi
+
+# --- 1. bootstrap --------------------------------------------------------------------------
+BOOT_ARGS=(bootstrap --sender "$SENDER" --name "$NAME" --pgdata "$PGDATA_DIR" --wal-dir "$WAL_DIR")
+for m in "${MAPPINGS[@]+"${MAPPINGS[@]}"}"; do BOOT_ARGS+=(--tablespace-mapping "$m"); done
+
+say "bootstrapping $PGDATA_DIR from $SENDER as receiver '$NAME' (WAL store $WAL_DIR)"
+rc=0
+as_pg "$RECEIVER" "${BOOT_ARGS[@]}" || rc=$?
+if [ "$rc" != 0 ]; then
+    case $rc in
+        3) hint="the primary no longer has the WAL this receiver needs" ;;
+        4) hint="the sender refused this receiver, or $WAL_DIR holds another cluster's WAL" ;;
+        5) hint="the WAL store $WAL_DIR is corrupt or inconsistent" ;;
+        6) hint="another wal-receiver holds $WAL_DIR" ;;
+        7) hint="a write or fsync failed: check the disk" ;;
+        *) hint="see the messages above" ;;
+    esac
+    die "wal-receiver bootstrap failed (exit $rc): $hint"
+fi
+[ -f "$PGDATA_DIR/standby.signal" ] || die "bootstrap exited 0 but $PGDATA_DIR/standby.signal is missing"
+restore_cmd=$(grep -h "^[[:space:]]*restore_command" "$PGDATA_DIR/postgresql.auto.conf" "$PGDATA_DIR/postgresql.conf" 2>/dev/null | tail -n 1 || true)
+[ -z "$restore_cmd" ] || say "recovery: $restore_cmd"
+
+# --- 2. follow -----------------------------------------------------------------------------
+# The pid file gets the pid of wal-receiver itself (not of runuser): the shell run as
+# postgres writes its own pid to fd 3, opened here, then execs wal-receiver.
+say "starting wal-receiver follow in the background (log $FOLLOW_LOG)"
+if $IS_ROOT; then
+    nohup runuser -u postgres -- sh -c 'echo $$ >&3; exec 3>&-; exec "$@"' sh \
+        "$RECEIVER" follow --sender "$SENDER" --name "$NAME" --wal-dir "$WAL_DIR" \
+        3>"$FOLLOW_PID" >>"$FOLLOW_LOG" 2>&1 </dev/null &
+else
+    nohup sh -c 'echo $$ >&3; exec 3>&-; exec "$@"' sh \
+        "$RECEIVER" follow --sender "$SENDER" --name "$NAME" --wal-dir "$WAL_DIR" \
+        3>"$FOLLOW_PID" >>"$FOLLOW_LOG" 2>&1 </dev/null &
+fi
+for _ in $(seq 50); do [ -s "$FOLLOW_PID" ] && break; sleep 0.1; done
+FPID=$(cat "$FOLLOW_PID" 2>/dev/null || true)
+[ -n "$FPID" ] || die "wal-receiver follow did not start: see $FOLLOW_LOG"
+sleep 1
+if ! kill -0 "$FPID" 2>/dev/null; then
+    tail -n 20 "$FOLLOW_LOG" >&2 || true
+    die "wal-receiver follow exited at once: see $FOLLOW_LOG"
+fi
+
+# --- 3. the standby ------------------------------------------------------------------------
+PG_OPTS="-p $PORT"
+[ -z "$SOCKET_DIR" ] || PG_OPTS+=" -c unix_socket_directories='$SOCKET_DIR'"
+say "starting the standby: pg_ctl -D $PGDATA_DIR -o \"$PG_OPTS\" -l $PG_LOG start"
+# -W: we wait ourselves below, with our own timeout and a check that the server is alive.
+as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -o "$PG_OPTS" -l "$PG_LOG" -W start >/dev/null \
+    || die "pg_ctl start failed: see $PG_LOG"
+
+# Where to reach it: postmaster.pid has the socket directory (line 5) and listen address (6).
+say "waiting for the standby to reach a consistent state and accept read-only queries (up to ${TIMEOUT}s)"
+deadline=$(( $(date +%s) + TIMEOUT ))
+host="" in_recovery="" last_err=""
+while :; do
+    if ! as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" status >/dev/null 2>&1; then
+        tail -n 20 "$PG_LOG" >&2 || true
+        die "the standby is not running: see $PG_LOG"
+    fi
+    if [ -z "$host" ] && [ -f "$PGDATA_DIR/postmaster.pid" ]; then
+        host=$(sed -n 5p "$PGDATA_DIR/postmaster.pid")
+        if [ -z "$host" ]; then
+            host=$(sed -n 6p "$PGDATA_DIR/postmaster.pid")
+            [ "$host" != "*" ] || host=localhost
+        fi
+    fi
+    if [ -n "$host" ] && as_pg "$PG_BIN/pg_isready" -q -h "$host" -p "$PORT" >/dev/null 2>&1; then
+        if in_recovery=$(as_pg "$PG_BIN/psql" -XAtqw -h "$host" -p "$PORT" -U "$DB_USER" -d postgres \
+                -c "SELECT pg_is_in_recovery()" 2>&1); then
+            [ "$in_recovery" = t ] && break
+            [ "$in_recovery" = f ] && die "the server on port $PORT is up but not in recovery: it is not a standby"
+        fi
+        last_err=$in_recovery
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+        [ -z "$last_err" ] || printf 'last psql error: %s\n' "$last_err" >&2
+        tail -n 20 "$PG_LOG" >&2 || true
+        die "the standby did not accept read-only queries within ${TIMEOUT}s (it is still running; see $PG_LOG)"
+    fi
+    sleep 1
+done
+
+AS_PG=""
+! $IS_ROOT || AS_PG="runuser -u postgres -- "
+cat <<EOF
+==> the standby is up and in recovery
+
+  standby:               $PGDATA_DIR, port $PORT, socket directory $host
+                         log $PG_LOG
+                         connect: psql -h $host -p $PORT -U $DB_USER postgres
+  wal-receiver follow:   pid $FPID (in $FOLLOW_PID), receiver '$NAME' of $SENDER
+                         log $FOLLOW_LOG
+  WAL store:             $WAL_DIR   ($RECEIVER status --wal-dir $WAL_DIR)
+
+To stop it:
+  ${AS_PG}$PG_BIN/pg_ctl -D $PGDATA_DIR stop
+  kill \$(cat $FOLLOW_PID)        # SIGTERM: wal-receiver flushes and exits
+To start the receiver again (it resumes where it stopped):
+  nohup ${AS_PG}$RECEIVER follow --sender $SENDER --name $NAME --wal-dir $WAL_DIR >>$FOLLOW_LOG 2>&1 &
+EOF
