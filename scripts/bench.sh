@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Streaming benchmark: walship vs pg_receivewal --synchronous on the same primary in the same
-# run, plus a baseline with no shipping.
+# Benchmarks: walship vs PostgreSQL's own tools on the same primary in the same run.
+#
+# Bootstrap: `wal-receiver bootstrap` vs `pg_basebackup -Fp -Xstream -c fast` on the quiet
+# primary: wall time until the target could start as a standby, client CPU, wal-sender CPU,
+# bytes on the wire.
+#
+# Streaming: walship vs pg_receivewal --synchronous, plus a baseline with no shipping.
 #
 # For each setup it runs `pgbench -c 4 -T $BENCH_SECONDS` and reports:
 #   - primary TPS;
@@ -11,7 +16,7 @@
 # Setups alternate and repeat $BENCH_RUNS times; medians are reported. Raw numbers go to
 # $BENCH_OUT (JSON). Timing is measured here, never asserted in tests.
 #
-# Environment: BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
+# Environment: BENCH_PARTS ("bootstrap streaming"), BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
 # BENCH_RUNS (default 3), BENCH_OUT (default bench-results.json), BENCH_SETUPS (default
 # "none pg_receivewal walship"), BENCH_ZSTD_LEVEL (the sender's --zstd-level, default 1),
 # BENCH_KEEP=1 keeps the temporary directory.
@@ -63,8 +68,54 @@ psql_() { "$PG_BIN/psql" -XAtq -d "$CONN" -c "$1"; }
 
 SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
 "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-1}" > "$WORK/sender.log" 2>&1 &
-PIDS+=($!)
+SENDER_PID=$!
+PIDS+=("$SENDER_PID")
 sleep 1
+PARTS=${BENCH_PARTS:-bootstrap streaming}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICKS=$(getconf CLK_TCK)
+
+# ---------------------------------------------------------------------------------------
+# Bootstrap: wal-receiver bootstrap vs pg_basebackup -Fp -Xstream -c fast, on a quiet primary.
+# Wall time until the target is a standby that can start; CPU of the client (and of
+# wal-sender for walship); bytes on the wire.
+# ---------------------------------------------------------------------------------------
+boot_one() {  # tool run -> JSON
+    local tool=$1 run=$2 target="$WORK/boot-$1-$2" timing="$WORK/boot-$1-$2.time" wire=null sender_cpu=null
+    local before; before=$(cpu_ticks "$SENDER_PID")
+    local TIMEFORMAT='%R %U %S'
+    case $tool in
+        walship)
+            { time as_pg "$BIN/wal-receiver" bootstrap --sender "127.0.0.1:$SENDER_PORT" --name "boot_$run" \
+                --pgdata "$target" --wal-dir "$target.wal" > "$target.log" 2>&1 ; } 2> "$timing"
+            sender_cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$SENDER_PID")" -v t="$TICKS" 'BEGIN {printf "%.2f", (b - a) / t}')
+            wire=$(grep "backup sent" "$WORK/sender.log" | tail -1 | sed -E 's/.*wire_bytes=([0-9]+).*/\1/')
+            ;;
+        pg_basebackup)
+            { time as_pg "$PG_BIN/pg_basebackup" -d "$CONN" -D "$target" -Fp -Xstream -c fast > "$target.log" 2>&1 ; } 2> "$timing"
+            ;;
+    esac
+    local bytes; bytes=$(du -sb "$target" | cut -f1)
+    read -r wall user sys < "$timing"
+    psql_ "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'walship_boot_$run'" >/dev/null || true
+    rm -rf "$target" "$target.wal"
+    printf '{"tool":"%s","run":%s,"wall_s":%s,"client_cpu_s":%s,"sender_cpu_s":%s,"data_bytes":%s,"wire_bytes":%s}\n' \
+        "$tool" "$run" "$wall" "$(awk -v u="$user" -v s="$sys" 'BEGIN {print u + s}')" "$sender_cpu" "$bytes" "${wire:-null}"
+}
+
+BOOT="$WORK/bootstrap.jsonl"
+: > "$BOOT"
+if [[ " $PARTS " == *" bootstrap "* ]]; then
+    for run in $(seq "$RUNS"); do
+        order=(pg_basebackup walship)
+        (( run % 2 == 0 )) && order=(walship pg_basebackup)
+        for tool in "${order[@]}"; do
+            say "bootstrap run $run/$RUNS: $tool"
+            boot_one "$tool" "$run" | tee -a "$BOOT" >&2
+        done
+    done
+fi
 
 # percentile P of the numbers in file F (nearest rank)
 pct() { sort -g "$2" | awk -v p="$1" '{a[NR]=$1} END {if (NR==0) {print "null"; exit} i=int(NR*p/100+0.999); if (i<1) i=1; print a[i]}'; }
@@ -131,7 +182,9 @@ run_one() {  # setup run -> prints a JSON object
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
 read -r -a SETUPS <<< "${BENCH_SETUPS:-none pg_receivewal walship}"
+[[ " $PARTS " == *" streaming "* ]] || SETUPS=()
 for run in $(seq "$RUNS"); do
+    (( ${#SETUPS[@]} )) || break
     # Alternate the order between runs so no setup always runs on a warmer cache.
     order=("${SETUPS[@]}")
     if (( run % 2 == 0 )); then
@@ -142,6 +195,22 @@ for run in $(seq "$RUNS"); do
         run_one "$setup" "$run" | tee -a "$RESULTS" >&2
     done
 done
+
+boot_median() {  # tool field
+    { grep "\"tool\":\"$1\"" "$BOOT" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
+        | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
+}
+if [ -s "$BOOT" ]; then
+    {
+        printf '\nBootstrap, pgbench scale %s, median of %s runs\n\n' "$SCALE" "$RUNS"
+        printf '%-16s %16s %16s %14s\n' metric pg_basebackup walship "walship/pgbb"
+        for f in wall_s client_cpu_s sender_cpu_s data_bytes wire_bytes; do
+            a=$(boot_median pg_basebackup "$f"); b=$(boot_median walship "$f")
+            ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { if (a == "null" || b == "null" || a == 0) print "-"; else printf "%.2f", b / a }')
+            printf '%-16s %16s %16s %14s\n' "$f" "$a" "$b" "$ratio"
+        done
+    } | tee "$WORK/bootstrap-table.txt"
+fi
 
 # Medians per setup, then ratios walship / pg_receivewal.
 median_of() {  # setup field
@@ -161,7 +230,9 @@ FIELDS=(tps flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_byte
     awk -v r="$raw" -v w="$wire" 'BEGIN { if (r != "null" && r > 0) printf "\nwalship wire bytes / raw WAL bytes: %.1f%%\n", 100 * w / r }'
 } | tee "$WORK/table.txt"
 {
-    printf '{"scale":%s,"seconds":%s,"runs":%s,"results":[' "$SCALE" "$SECONDS_PER_RUN" "$RUNS"
+    printf '{"scale":%s,"seconds":%s,"runs":%s,"bootstrap":[' "$SCALE" "$SECONDS_PER_RUN" "$RUNS"
+    paste -sd, "$BOOT"
+    printf '],"streaming":['
     paste -sd, "$RESULTS"
     printf ']}\n'
 } > "$(cd "$ROOT" && realpath -m "$OUT")"

@@ -87,10 +87,10 @@ cleanup() {
         kill -9 "$pid" 2>/dev/null
     done
     if [ "$rc" != 0 ]; then
-        for log in "$WORK"/*.log; do
-            [ -s "$log" ] || continue
-            printf '\n--- last lines of %s ---\n' "$log" >&2
-            tail -n 15 "$log" >&2
+        for log in primary sender pgbench bootstrap follow standby; do
+            [ -s "$WORK/$log.log" ] || continue
+            printf '\n--- last lines of %s ---\n' "$WORK/$log.log" >&2
+            tail -n 10 "$WORK/$log.log" >&2
         done
     fi
     if [ -n "${DEMO_KEEP:-}" ]; then info "kept $WORK"; else rm -rf "$WORK"; fi
@@ -240,7 +240,10 @@ done
 
 # --- 7. stop the load and compare ---------------------------------------------------------------------
 say "stopping the load"
-kill -INT "$PGBENCH_PID"
+# (SIGTERM: a background job of a script ignores SIGINT)
+kill -TERM "$PGBENCH_PID" 2>/dev/null || true
+pgbench_gone() { ! alive "$PGBENCH_PID"; }
+wait_for 10 "pgbench to exit" pgbench_gone
 wait "$PGBENCH_PID" 2>/dev/null || true
 PGBENCH_PID=""
 no_pgbench() { [ "$(psql_p "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbench'")" = 0 ]; }

@@ -112,8 +112,7 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
         }
     }
     conn.link.send(&Message::StartBackup).await?;
-    let snap = receive(&mut conn, &pgdata, &cfg.tablespace_mapping, resumed).await?;
-    drop(conn);
+    let snap = receive(conn, &pgdata, &cfg.tablespace_mapping, resumed).await?;
     info!(
         start_lsn = %snap.start_lsn, stop_lsn = %snap.stop_lsn, files = snap.received.len(),
         received_bytes = snap.bytes, skipped_bytes = snap.skipped, wire_bytes = snap.wire,
@@ -262,7 +261,7 @@ struct OpenFile {
 
 /// Receives the snapshot into the target.
 async fn receive(
-    conn: &mut Connection,
+    conn: Connection,
     pgdata: &Path,
     mapping: &[(PathBuf, PathBuf)],
     resumed: bool,
@@ -284,16 +283,115 @@ async fn receive(
         skipped: 0,
         wire: 0,
     };
+    // Frames are read and decompressed on their own task while this one writes files, and
+    // a syncer thread fsyncs finished files while the copy goes on.
+    let Connection {
+        mut rd,
+        mut dec,
+        link,
+        ..
+    } = conn;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Message, u64)>>(8);
+    let reader = tokio::spawn(async move {
+        loop {
+            let item = match tokio::time::timeout(IDLE_TIMEOUT, dec.read_frame(&mut rd)).await {
+                Err(_) => Err(anyhow!("the sender sent nothing for {IDLE_TIMEOUT:?}")),
+                Ok(Err(e)) => Err(anyhow::Error::from(e).context("bad frame from sender")),
+                Ok(Ok(None)) => Err(anyhow!(
+                    "the sender closed the connection before the snapshot was complete"
+                )),
+                Ok(Ok(Some(frame))) => Message::decode(&frame)
+                    .map(|m| (m, frame.wire_bytes))
+                    .map_err(Into::into),
+            };
+            let stop = item.is_err();
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let syncer = Syncer::start();
+    let result = receive_loop(
+        &mut rx,
+        pgdata,
+        mapping,
+        resumed,
+        &mut target,
+        &mut progress,
+        &mut cur,
+        &mut snap,
+        &syncer,
+    )
+    .await;
+    reader.abort();
+    drop(link);
+    syncer.finish()?;
+    result.map(|()| snap)
+}
+
+/// fsyncs finished files on a thread of its own. The first failure is kept and reported by
+/// [`Syncer::finish`]; a failed fsync is fatal for the bootstrap.
+struct Syncer {
+    tx: Option<std::sync::mpsc::Sender<(File, PathBuf)>>,
+    thread: Option<std::thread::JoinHandle<Result<(), durable::DurableError>>>,
+}
+
+impl Syncer {
+    fn start() -> Syncer {
+        let (tx, rx) = std::sync::mpsc::channel::<(File, PathBuf)>();
+        let thread = std::thread::spawn(move || {
+            for (file, path) in rx {
+                durable::fsync_file(&file, &path)?;
+            }
+            Ok(())
+        });
+        Syncer {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn sync(&self, file: File, path: PathBuf) -> Result<()> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send((file, path)).ok())
+            .ok_or_else(|| anyhow!("the fsync thread stopped"))
+    }
+
+    fn finish(mut self) -> Result<()> {
+        self.tx.take();
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r.map_err(|e| {
+                Fatal {
+                    code: exit::DISK,
+                    message: e.to_string(),
+                }
+                .into()
+            }),
+            Some(Err(_)) => bail!("the fsync thread panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn receive_loop(
+    rx: &mut tokio::sync::mpsc::Receiver<Result<(Message, u64)>>,
+    pgdata: &Path,
+    mapping: &[(PathBuf, PathBuf)],
+    resumed: bool,
+    target: &mut Target,
+    progress: &mut Option<Progress>,
+    cur: &mut Option<OpenFile>,
+    snap: &mut Snapshot,
+    syncer: &Syncer,
+) -> Result<()> {
     loop {
-        let frame = tokio::time::timeout(IDLE_TIMEOUT, conn.dec.read_frame(&mut conn.rd))
+        let (msg, wire_bytes) = rx
+            .recv()
             .await
-            .map_err(|_| anyhow!("the sender sent nothing for {IDLE_TIMEOUT:?}"))?
-            .context("bad frame from sender")?
-            .ok_or_else(|| {
-                anyhow!("the sender closed the connection before the snapshot was complete")
-            })?;
-        snap.wire += frame.wire_bytes;
-        let msg = Message::decode(&frame)?;
+            .ok_or_else(|| anyhow!("the connection reader stopped"))??;
+        snap.wire += wire_bytes;
         let started = snap.start_lsn.is_valid();
         match msg {
             Message::BackupStart {
@@ -310,7 +408,7 @@ async fn receive(
                     snap.tablespaces.insert(oid, dir);
                 }
                 snap.start_lsn = start_lsn;
-                progress = Some(Progress::new(total_bytes));
+                *progress = Some(Progress::new(total_bytes));
             }
             Message::Dir { path, .. } if started && cur.is_none() => {
                 let local = target.resolve(&path)?;
@@ -336,7 +434,7 @@ async fn receive(
                     .custom_flags(nix::libc::O_NOFOLLOW)
                     .open(&local)
                     .with_context(|| format!("open {}", local.display()))?;
-                cur = Some(OpenFile {
+                *cur = Some(OpenFile {
                     path: local,
                     file,
                     next: 0,
@@ -407,7 +505,8 @@ async fn receive(
                         f.crc
                     );
                 }
-                snap.received.insert(f.path);
+                snap.received.insert(f.path.clone());
+                syncer.sync(f.file, f.path)?;
             }
             Message::BackupEnd {
                 stop_lsn,
@@ -420,7 +519,7 @@ async fn receive(
                 snap.stop_lsn = stop_lsn;
                 snap.backup_label = backup_label;
                 snap.tablespace_map = tablespace_map;
-                return Ok(snap);
+                return Ok(());
             }
             Message::Error { code, message } => return Err(sender_error(code, message)),
             other => bail!(
@@ -478,7 +577,7 @@ fn tablespace_dir(
     Ok(dir)
 }
 
-/// Removes staged files the snapshot does not contain, then fsyncs every file and directory.
+/// Removes staged files the snapshot does not contain, then fsyncs every directory.
 fn remove_stale_and_sync(
     pgdata: &Path,
     tablespaces: &HashMap<u32, PathBuf>,
@@ -501,10 +600,7 @@ fn remove_stale_and_sync(
         }
         dirs.push(dir);
     }
-    for path in keep {
-        let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
-        durable::fsync_file(&f, path)?;
-    }
+    // The files themselves were fsynced by the syncer as they were finished.
     for dir in dirs.iter().rev() {
         durable::fsync_dir(dir)?;
     }
