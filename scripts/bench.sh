@@ -18,7 +18,7 @@
 #
 # Environment: BENCH_PARTS ("bootstrap streaming"), BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
 # BENCH_RUNS (default 3), BENCH_OUT (default bench-results.json), BENCH_SETUPS (default
-# "none pg_receivewal walship"), BENCH_ZSTD_LEVEL (the sender's --zstd-level, default 1),
+# "none pg_receivewal walship"), BENCH_ZSTD_LEVEL (the sender's --zstd-level, default 3),
 # BENCH_KEEP=1 keeps the temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,7 +67,7 @@ psql_() { "$PG_BIN/psql" -XAtq -d "$CONN" -c "$1"; }
 "$PG_BIN/pgbench" -i -q -s "$SCALE" -d "$CONN" >/dev/null 2>&1
 
 SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
-"$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-1}" > "$WORK/sender.log" 2>&1 &
+"$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" > "$WORK/sender.log" 2>&1 &
 SENDER_PID=$!
 PIDS+=("$SENDER_PID")
 sleep 1
@@ -174,7 +174,7 @@ run_one() {  # setup run -> prints a JSON object
         fi
         psql_ "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('$app', 'walship_$app')" >/dev/null || true
     fi
-    rm -rf "$dir/wal" "$dir"/0* 2>/dev/null || true
+    [ -n "${BENCH_KEEP:-}" ] || rm -rf "$dir/wal" "$dir"/0* 2>/dev/null || true
     printf '{"setup":"%s","run":%s,"tps":%s,"wal_bytes":%s,"flush_lag_ms_p50":%s,"flush_lag_ms_p99":%s,"flush_lag_bytes_p50":%s,"flush_lag_bytes_p99":%s,"raw_bytes":%s,"wire_bytes":%s}\n' \
         "$setup" "$run" "${tps:-null}" "$wal_bytes" "$lag_ms_p50" "$lag_ms_p99" "$lag_b_p50" "$lag_b_p99" "$raw" "$wire"
 }

@@ -234,12 +234,16 @@ as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -o "$PG_OPTS" -l "$PG_LOG" -W start >/de
 
 # Where to reach it: postmaster.pid has the socket directory (line 5) and listen address (6).
 say "waiting for the standby to reach a consistent state and accept read-only queries (up to ${TIMEOUT}s)"
-deadline=$(( $(date +%s) + TIMEOUT ))
+started=$(date +%s)
+deadline=$((started + TIMEOUT))
 host="" in_recovery="" last_err=""
 while :; do
-    if ! as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" status >/dev/null 2>&1; then
-        tail -n 20 "$PG_LOG" >&2 || true
-        die "the standby is not running: see $PG_LOG"
+    # (pg_ctl -W returns before the postmaster writes postmaster.pid: give it 15 s to appear)
+    if [ -f "$PGDATA_DIR/postmaster.pid" ] || [ $(($(date +%s) - started)) -ge 15 ]; then
+        if ! as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" status >/dev/null 2>&1; then
+            tail -n 20 "$PG_LOG" >&2 || true
+            die "the standby is not running: see $PG_LOG"
+        fi
     fi
     if [ -z "$host" ] && [ -f "$PGDATA_DIR/postmaster.pid" ]; then
         host=$(sed -n 5p "$PGDATA_DIR/postmaster.pid")

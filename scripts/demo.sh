@@ -151,7 +151,10 @@ status_field() {  # FIELD: a field of 'wal-receiver status --json' (string or nu
 sender_listening() { alive "$SENDER_PID" || die "wal-sender exited (see $WORK/sender.log)"; grep -q "wal-sender listening" "$WORK/sender.log"; }
 standby_running() { as_pg "$PG_BIN/pg_ctl" -D "$STANDBY" status >/dev/null 2>&1; }
 standby_ready() {
-    standby_running || die "the standby stopped (see $WORK/standby.log)"
+    # (pg_ctl -W returns before the postmaster writes postmaster.pid: give it 15 s to appear)
+    if [ -f "$STANDBY/postmaster.pid" ] || [ $((SECONDS - STANDBY_STARTED)) -ge 15 ]; then
+        standby_running || die "the standby is not running (see $WORK/standby.log)"
+    fi
     [ "$(psql_s "SELECT pg_is_in_recovery()" 2>/dev/null)" = t ]
 }
 
@@ -208,11 +211,11 @@ spawn FOLLOW_PID "$WORK/follow.log" pg "$BIN/wal-receiver" follow --sender "$SEN
 
 say "starting the standby on port $STANDBY_PORT (socket $SSOCK); waiting for read-only queries"
 as_pg touch "$WORK/standby.log"
+STANDBY_STARTED=$SECONDS
 as_pg "$PG_BIN/pg_ctl" -D "$STANDBY" -l "$WORK/standby.log" -W start \
     -o "-p $STANDBY_PORT -c listen_addresses='' -c unix_socket_directories='$SSOCK'" >/dev/null || die "pg_ctl start of the standby failed"
-t0=$SECONDS
 wait_for 180 "the standby accepting read-only queries" standby_ready
-info "the standby answers after $((SECONDS - t0))s: pg_is_in_recovery() = $(psql_s "SELECT pg_is_in_recovery()"), $(psql_s "SELECT count(*) FROM pgbench_history") transactions visible"
+info "the standby answers after $((SECONDS - STANDBY_STARTED))s: pg_is_in_recovery() = $(psql_s "SELECT pg_is_in_recovery()"), $(psql_s "SELECT count(*) FROM pgbench_history") transactions visible"
 alive "$FOLLOW_PID" || die "wal-receiver follow exited (see $WORK/follow.log)"
 header; row
 

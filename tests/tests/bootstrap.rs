@@ -203,3 +203,48 @@ fn bootstrap_refuses_a_non_empty_directory_and_another_clusters_wal_dir() -> Res
     );
     Ok(())
 }
+
+#[test]
+fn two_receivers_bootstrap_at_the_same_time() -> Result<()> {
+    let dir = TestDir::new("twoboot");
+    let pg = Pg::start_primary(&dir, "primary", "")?;
+    pg.pgbench_init(2)?;
+    let sender = Sender::start(&dir, &pg)?;
+    let mut boots = Vec::new();
+    for name in ["ba", "bb"] {
+        let cmd = bootstrap_cmd(
+            &sender.addr,
+            name,
+            &dir.join(&format!("standby-{name}")),
+            &dir.join(&format!("wal-{name}")),
+            &[],
+        );
+        boots.push(Proc::spawn(
+            cmd,
+            dir.join(&format!("bootstrap-{name}.log")),
+        )?);
+    }
+    for b in &mut boots {
+        let st = b.wait_exit()?;
+        assert!(
+            st.success(),
+            "bootstrap failed: {}",
+            tail(&b.log_text(), 10)
+        );
+    }
+    let want = pgbench_fingerprint(&pg, &[])?;
+    for name in ["ba", "bb"] {
+        let standby = Pg::start_existing(
+            &dir,
+            &dir.join(&format!("standby-{name}")),
+            &format!("standby-{name}"),
+        )?;
+        assert_eq!(standby.sql("SELECT pg_is_in_recovery()")?, "t");
+        assert_eq!(
+            pgbench_fingerprint(&standby, &[])?,
+            want,
+            "standby {name} differs"
+        );
+    }
+    Ok(())
+}

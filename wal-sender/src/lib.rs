@@ -23,6 +23,7 @@ pub struct ServeConfig {
     pub pg_conn: String,
     pub listen: String,
     pub zstd_level: i32,
+    pub snapshot_zstd_level: i32,
     pub max_connections: usize,
     pub pgdata: Option<std::path::PathBuf>,
 }
@@ -46,6 +47,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     let session_cfg = SessionConfig {
         pg,
         zstd_level: cfg.zstd_level,
+        snapshot_zstd_level: cfg.snapshot_zstd_level,
         pgdata: cfg.pgdata.clone(),
     };
     let slots = Arc::new(Semaphore::new(cfg.max_connections));

@@ -35,7 +35,10 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct SessionConfig {
     pub pg: tokio_postgres::Config,
+    /// zstd level for WAL: small messages, where a higher level pays.
     pub zstd_level: i32,
+    /// zstd level for snapshot files: bulk data, where speed pays.
+    pub snapshot_zstd_level: i32,
     /// The primary's data directory, when given on the command line.
     pub pgdata: Option<std::path::PathBuf>,
 }
@@ -175,6 +178,8 @@ async fn session(
     })
     .await?;
     if mode == Mode::Bootstrap {
+        // Nothing compressed was sent yet, so the zstd stream can start at another level.
+        out.enc = FrameEncoder::new(cfg.snapshot_zstd_level)?;
         return bootstrap(pg, rd, dec, out, cfg, &name, &slot).await;
     }
 
