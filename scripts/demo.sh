@@ -222,6 +222,7 @@ header; row
 # --- 5. kill the receiver ---------------------------------------------------------------------------
 say "killing wal-receiver follow with SIGKILL (pid $FOLLOW_PID): the primary's slot walship_$NAME keeps its WAL"
 kill -9 "$FOLLOW_PID"
+wait "$FOLLOW_PID" 2>/dev/null || true  # (when it is our child: no "Killed" job message)
 follow_gone() { ! alive "$FOLLOW_PID"; }
 wait_for 10 "wal-receiver to die" follow_gone
 FOLLOW_PID=""

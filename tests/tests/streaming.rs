@@ -319,6 +319,10 @@ fn receiver_stops_with_advice_when_the_primary_lost_its_wal() -> Result<()> {
         Ok((!r.requested_starts().is_empty()).then_some(()))
     })?;
     r.proc.term();
+    // The sender closes its replication connection a moment after the receiver goes.
+    wait_for("the slot to be released", || {
+        Ok((pg.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'walship_rg'")? == "f").then_some(()))
+    })?;
     pg.sql("SELECT pg_drop_replication_slot('walship_rg')")?;
     pg.pgbench_init(6)?;
     for _ in 0..3 {
