@@ -64,7 +64,7 @@ EOF
 as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w start >/dev/null
 CONN="host=$WORK/sock port=5432 user=postgres dbname=postgres"
 psql_() { "$PG_BIN/psql" -XAtq -d "$CONN" -c "$1"; }
-"$PG_BIN/pgbench" -i -q -s "$SCALE" -d "$CONN" >/dev/null 2>&1
+"$PG_BIN/pgbench" -i -q -s "$SCALE" "$CONN" >/dev/null 2>&1
 
 SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
 "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" > "$WORK/sender.log" 2>&1 &
@@ -158,7 +158,7 @@ run_one() {  # setup run -> prints a JSON object
     fi
     local wal_start; wal_start=$(psql_ "SELECT pg_current_wal_flush_lsn()")
     local tps
-    tps=$("$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" -d "$CONN" 2>/dev/null | awk '/^tps/ {print $3; exit}')
+    tps=$("$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" "$CONN" 2>/dev/null | awk '/^tps/ {print $3; exit}')
     local wal_bytes; wal_bytes=$(psql_ "SELECT pg_current_wal_flush_lsn() - '$wal_start'")
     [ -n "$sampler" ] && kill "$sampler" 2>/dev/null && wait "$sampler" 2>/dev/null || true
     local lag_ms_p50=null lag_ms_p99=null lag_b_p50=null lag_b_p99=null raw=null wire=null

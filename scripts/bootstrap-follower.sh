@@ -21,7 +21,8 @@ Required:
   --sender HOST:PORT          the wal-sender on the primary's host
   --name NAME                 this receiver's name ([a-z0-9_], at most 55 characters); the
                               primary keeps WAL for it in the replication slot walship_NAME
-  --pgdata DIR                the standby's data directory; must be empty or absent
+  --pgdata DIR                the standby's data directory; must be empty or absent, or
+                              hold an unfinished bootstrap (which is then resumed)
   --port PORT                 the port the standby listens on
 
 Options:
@@ -55,8 +56,8 @@ IS_ROOT=false
 [ "$(id -u)" = 0 ] && IS_ROOT=true
 # as_pg CMD...: run CMD as the postgres OS user when we are root.
 as_pg() { if $IS_ROOT; then runuser -u postgres -- "$@"; else "$@"; fi; }
-PG_USER="user $(id -un)"
-! $IS_ROOT || PG_USER="the postgres user"
+PG_USER="user $(id -un)" AS_PG=""
+! $IS_ROOT || { PG_USER="the postgres user"; AS_PG="runuser -u postgres -- "; }
 
 SENDER="" NAME="" PGDATA_DIR="" PORT="" WAL_DIR="" SOCKET_DIR="" BIN="" DB_USER=postgres
 PG_BIN=/usr/lib/postgresql/15/bin
@@ -122,10 +123,23 @@ fi
 BIN=$(realpath -m "$BIN")
 [ -x "$BIN/wal-receiver" ] || die "$BIN/wal-receiver not found: build it with 'cargo build --release' or pass --bin DIR"
 
+# wal-receiver bootstrap leaves this marker in an unfinished target, and resumes it.
+MARKER=walship-bootstrap.incomplete
+RESUME=false
 if [ -e "$PGDATA_DIR" ]; then
     [ -d "$PGDATA_DIR" ] || die "--pgdata $PGDATA_DIR exists and is not a directory"
-    [ -z "$(ls -A "$PGDATA_DIR")" ] || die "--pgdata $PGDATA_DIR is not empty; bootstrap needs an empty or absent directory"
+    if [ -e "$PGDATA_DIR/$MARKER" ]; then
+        RESUME=true
+    elif [ -n "$(ls -A "$PGDATA_DIR")" ]; then
+        die "--pgdata $PGDATA_DIR is not empty and holds no unfinished bootstrap; give an empty or absent directory"
+    fi
 fi
+for h in "${SOCKET_DIR:-/var/run/postgresql}" 127.0.0.1; do
+    # pg_isready: 0 accepting, 1 rejecting (starting up): either way the port is taken
+    prc=0
+    "$PG_BIN/pg_isready" -q -h "$h" -p "$PORT" -t 3 >/dev/null 2>&1 || prc=$?
+    if [ "$prc" -le 1 ]; then die "a server already listens on port $PORT ($h): choose another --port"; fi
+done
 if [ -f "$FOLLOW_PID" ] && kill -0 "$(cat "$FOLLOW_PID")" 2>/dev/null; then
     die "a wal-receiver follow is already running for $WAL_DIR (pid $(cat "$FOLLOW_PID"), from $FOLLOW_PID)"
 fi
@@ -154,7 +168,7 @@ nearest_existing() { local d=$1; while [ ! -e "$d" ]; do d=$(dirname "$d"); done
 prepare_dir() {  # DIR MODE
     local dir=$1 mode=$2
     if [ -e "$dir" ]; then
-        if ! pg_can -w "$dir" && $IS_ROOT && [ -d "$dir" ] && [ -z "$(ls -A "$dir")" ]; then
+        if $IS_ROOT && [ -d "$dir" ] && [ -z "$(ls -A "$dir")" ] && ! pg_can -w "$dir"; then
             chown postgres: "$dir"; chmod "$mode" "$dir"
         fi
     elif ! pg_can -w "$(nearest_existing "$dir")"; then
@@ -184,7 +198,11 @@ fi
 BOOT_ARGS=(bootstrap --sender "$SENDER" --name "$NAME" --pgdata "$PGDATA_DIR" --wal-dir "$WAL_DIR")
 for m in "${MAPPINGS[@]+"${MAPPINGS[@]}"}"; do BOOT_ARGS+=(--tablespace-mapping "$m"); done
 
-say "bootstrapping $PGDATA_DIR from $SENDER as receiver '$NAME' (WAL store $WAL_DIR)"
+if $RESUME; then
+    say "resuming the unfinished bootstrap in $PGDATA_DIR from $SENDER as receiver '$NAME' (WAL store $WAL_DIR)"
+else
+    say "bootstrapping $PGDATA_DIR from $SENDER as receiver '$NAME' (WAL store $WAL_DIR)"
+fi
 rc=0
 as_pg "$RECEIVER" "${BOOT_ARGS[@]}" || rc=$?
 if [ "$rc" != 0 ]; then
@@ -194,8 +212,16 @@ if [ "$rc" != 0 ]; then
         5) hint="the WAL store $WAL_DIR is corrupt or inconsistent" ;;
         6) hint="another wal-receiver holds $WAL_DIR" ;;
         7) hint="a write or fsync failed: check the disk" ;;
+        8) hint="$PGDATA_DIR or a tablespace directory is not empty (use --tablespace-mapping for tablespaces)" ;;
+        2) hint="bad command line" ;;
         *) hint="see the messages above" ;;
     esac
+    if [ -e "$PGDATA_DIR/$MARKER" ]; then
+        hint+=". The unfinished bootstrap in $PGDATA_DIR resumes if you run this again with the same arguments"
+    fi
+    if [ "$rc" != 2 ]; then
+        hint+=". If you give up on it, drop the slot it may have created on the primary: SELECT pg_drop_replication_slot('walship_$NAME')"
+    fi
     die "wal-receiver bootstrap failed (exit $rc): $hint"
 fi
 [ -f "$PGDATA_DIR/standby.signal" ] || die "bootstrap exited 0 but $PGDATA_DIR/standby.signal is missing"
@@ -223,6 +249,17 @@ if ! kill -0 "$FPID" 2>/dev/null; then
     tail -n 20 "$FOLLOW_LOG" >&2 || true
     die "wal-receiver follow exited at once: see $FOLLOW_LOG"
 fi
+# From here on, a failure leaves the receiver (and maybe the standby) running: say so.
+report_leftovers() {
+    local rc=$?
+    [ "$rc" = 0 ] && return
+    printf '\nstill running after this failure (nothing was stopped):\n' >&2
+    ! kill -0 "$FPID" 2>/dev/null || printf '  wal-receiver follow, pid %s: kill %s\n' "$FPID" "$FPID" >&2
+    if [ -f "$PGDATA_DIR/postmaster.pid" ]; then
+        printf '  the standby: %s%s -D %s stop\n' "$AS_PG" "$PG_BIN/pg_ctl" "$PGDATA_DIR" >&2
+    fi
+}
+trap report_leftovers EXIT
 
 # --- 3. the standby ------------------------------------------------------------------------
 PG_OPTS="-p $PORT"
@@ -268,8 +305,6 @@ while :; do
     sleep 1
 done
 
-AS_PG=""
-! $IS_ROOT || AS_PG="runuser -u postgres -- "
 cat <<EOF
 ==> the standby is up and in recovery
 

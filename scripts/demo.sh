@@ -86,7 +86,9 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null
     done
-    if [ "$rc" != 0 ]; then
+    if [ "$rc" = 130 ] || [ "$rc" = 143 ]; then
+        info "interrupted"
+    elif [ "$rc" != 0 ]; then
         for log in primary sender pgbench bootstrap follow standby; do
             [ -s "$WORK/$log.log" ] || continue
             printf '\n--- last lines of %s ---\n' "$WORK/$log.log" >&2
@@ -144,6 +146,12 @@ free_port() {
 }
 
 alive() { kill -0 "$1" 2>/dev/null; }
+# check_running: fail with the log to read if a process the demo needs has exited.
+check_running() {
+    alive "$SENDER_PID" || die "wal-sender exited (see $WORK/sender.log)"
+    [ -z "$FOLLOW_PID" ] || alive "$FOLLOW_PID" || die "wal-receiver follow exited (see $WORK/follow.log)"
+    [ -z "$PGBENCH_PID" ] || alive "$PGBENCH_PID" || die "pgbench exited (see $WORK/pgbench.log)"
+}
 status_field() {  # FIELD: a field of 'wal-receiver status --json' (string or number)
     "$BIN/wal-receiver" status --json --wal-dir "$WAL" 2>/dev/null \
         | sed -nE "s/.*\"$1\":\"?([^\",}]*)\"?[,}].*/\1/p"
@@ -184,7 +192,7 @@ EOF
 as_pg "$PG_BIN/pg_ctl" -D "$PRIMARY" -l "$WORK/primary.log" -w start >/dev/null || die "the primary did not start"
 info "primary: $("$PG_BIN/psql" -XAtq -d "$CONN" -c "SELECT version()" | cut -d, -f1)"
 say "pgbench -i -s $SCALE (about $((SCALE * 100000)) accounts)"
-"$PG_BIN/pgbench" -i -q -s "$SCALE" -d "$CONN" > "$WORK/pgbench-init.log" 2>&1 || die "pgbench -i failed"
+"$PG_BIN/pgbench" -i -q -s "$SCALE" "$CONN" > "$WORK/pgbench-init.log" 2>&1 || die "pgbench -i failed"
 
 # --- 3. the sender and the load -------------------------------------------------------------------
 SENDER_ADDR=127.0.0.1:$(free_port)
@@ -192,7 +200,7 @@ say "starting wal-sender serve on $SENDER_ADDR"
 spawn SENDER_PID "$WORK/sender.log" me "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "$SENDER_ADDR" --pgdata "$PRIMARY"
 wait_for 30 "wal-sender listening" sender_listening
 say "starting the load: pgbench -c 4 -T 3600 (in the background)"
-spawn PGBENCH_PID "$WORK/pgbench.log" me "$PG_BIN/pgbench" -n -c 4 -T 3600 -d "$CONN"
+spawn PGBENCH_PID "$WORK/pgbench.log" me "$PG_BIN/pgbench" -n -c 4 -T 3600 "$CONN"
 sleep 3
 alive "$PGBENCH_PID" || die "pgbench stopped (see $WORK/pgbench.log)"
 info "primary flush LSN $(psql_p "SELECT pg_current_wal_flush_lsn()"), $(psql_p "SELECT count(*) FROM pgbench_history") transactions so far"
@@ -202,8 +210,11 @@ say "wal-receiver bootstrap --sender $SENDER_ADDR --name $NAME --pgdata $STANDBY
 t0=$SECONDS
 as_pg "$BIN/wal-receiver" bootstrap --sender "$SENDER_ADDR" --name "$NAME" --pgdata "$STANDBY" --wal-dir "$WAL" \
     > "$WORK/bootstrap.log" 2>&1 || die "wal-receiver bootstrap failed (exit $?)"
-info "done in $((SECONDS - t0))s: $(du -sh "$STANDBY" | cut -f1) of data directory; the standby's recovery settings:"
-grep -hE "^[[:space:]]*(restore_command|wal_retrieve_retry_interval|primary_conninfo)" "$STANDBY/postgresql.auto.conf" 2>/dev/null | sed 's/^/      /' || true
+info "done in $((SECONDS - t0))s: $(du -sh "$STANDBY" | cut -f1) of data directory"
+grep -o "snapshot received.*" "$WORK/bootstrap.log" | sed 's/^/    bootstrap log: /' || true
+info "the standby's recovery settings:"
+grep -hE "^[[:space:]]*(restore_command|recovery_target|wal_retrieve_retry_interval)" \
+    "$STANDBY/postgresql.conf" "$STANDBY/postgresql.auto.conf" 2>/dev/null | sed 's/^/      /' || true
 [ -f "$STANDBY/standby.signal" ] || die "bootstrap left no standby.signal in $STANDBY"
 
 say "starting wal-receiver follow --sender $SENDER_ADDR --name $NAME --wal-dir $WAL"
@@ -216,7 +227,7 @@ as_pg "$PG_BIN/pg_ctl" -D "$STANDBY" -l "$WORK/standby.log" -W start \
     -o "-p $STANDBY_PORT -c listen_addresses='' -c unix_socket_directories='$SSOCK'" >/dev/null || die "pg_ctl start of the standby failed"
 wait_for 180 "the standby accepting read-only queries" standby_ready
 info "the standby answers after $((SECONDS - STANDBY_STARTED))s: pg_is_in_recovery() = $(psql_s "SELECT pg_is_in_recovery()"), $(psql_s "SELECT count(*) FROM pgbench_history") transactions visible"
-alive "$FOLLOW_PID" || die "wal-receiver follow exited (see $WORK/follow.log)"
+check_running
 header; row
 
 # --- 5. kill the receiver ---------------------------------------------------------------------------
@@ -231,14 +242,18 @@ for _ in 1 2 3 4; do
     info "receiver down: running=$(status_field receiver_running), store flush $(status_field flush_lsn), primary flush $(psql_p "SELECT pg_current_wal_flush_lsn()"), slot restart_lsn $(psql_p "SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = 'walship_$NAME'")"
 done
 say "restarting wal-receiver follow: it resumes at its store's flush position"
+old_lines=$(wc -l < "$WORK/follow.log")
 spawn FOLLOW_PID "$WORK/follow.log" pg "$BIN/wal-receiver" follow --sender "$SENDER_ADDR" --name "$NAME" --wal-dir "$WAL"
+sleep 1
+resumed=$(tail -n +$((old_lines + 1)) "$WORK/follow.log" | grep -o "requesting WAL start_lsn=[0-9A-F/]*" | tail -n 1 || true)
+[ -z "$resumed" ] || info "wal-receiver log: $resumed"
 
 # --- 6. catching up -------------------------------------------------------------------------------------
 say "the standby catching up under load (byte lags are measured against the primary's flush LSN)"
 header
 for _ in 1 2 3 4 5; do
     sleep 2
-    alive "$FOLLOW_PID" || die "wal-receiver follow exited (see $WORK/follow.log)"
+    check_running
     row
 done
 
@@ -256,13 +271,14 @@ TARGET=$(psql_p "SELECT pg_current_wal_flush_lsn()")
 info "primary flush LSN after the load: $TARGET"
 
 say "waiting for the receiver and then the standby's replay to reach $TARGET"
-reached() { [ "$(psql_p "SELECT '$1'::pg_lsn >= '$TARGET'::pg_lsn")" = t ]; }
-recv_reached() { reached "$(status_field flush_lsn)"; }
+reached() { [ "$(psql_p "SELECT '${1:-0/0}'::pg_lsn >= '$TARGET'::pg_lsn")" = t ]; }
+recv_reached() { check_running; reached "$(status_field flush_lsn)"; }
+replay_lsn() { psql_s "SELECT pg_last_wal_replay_lsn()" 2>/dev/null || true; }
 wait_for 60 "the receiver's flush position reaching $TARGET" recv_reached
 info "receiver flush: $(status_field flush_lsn)"
 header
 t0=$SECONDS next=0 switched=false
-until reached "$(psql_s "SELECT pg_last_wal_replay_lsn()")"; do
+until reached "$(replay_lsn)"; do
     standby_running || die "the standby stopped (see $WORK/standby.log)"
     if [ $((SECONDS - t0)) -ge "$next" ]; then row; next=$((next + 10)); fi
     if ! $switched && [ $((SECONDS - t0)) -ge 60 ]; then

@@ -311,7 +311,8 @@ impl Pg {
 
     pub fn pgbench_init(&self, scale: u32) -> Result<()> {
         let mut c = Command::new(pg_tool("pgbench"));
-        c.args(["-i", "-q", "-s", &scale.to_string(), "-d"])
+        // The connection string is pgbench's positional dbname argument (-d means --debug).
+        c.args(["-i", "-q", "-s", &scale.to_string()])
             .arg(self.conninfo());
         run(c).map(|_| ())
     }
@@ -325,7 +326,6 @@ impl Pg {
                 &clients.to_string(),
                 "-T",
                 &secs.to_string(),
-                "-d",
             ])
             .arg(self.conninfo())
             .stdin(Stdio::null())
