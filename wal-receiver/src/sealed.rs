@@ -74,8 +74,39 @@ pub fn seal_segment(dir: &Path, state: &StoreState, segno: SegmentNo) -> Result<
         drop(f);
         durable::publish(&tmp, &sealed)?;
     }
-    durable::remove_durable(&partial)?;
+    recycle(dir, state, segno, &partial)?;
     tracing::debug!(segment = %sealed.display(), "sealed");
+    Ok(())
+}
+
+/// How far ahead a sealed segment's file may be recycled.
+const RECYCLE_AHEAD: u64 = 4;
+
+/// Renames the `.partial` of a sealed segment to a future segment's name that does not
+/// exist yet, as PostgreSQL recycles WAL segments; removes it when none is free.
+///
+/// A recycled file has its blocks allocated and written, so the writer's flushes into it
+/// overwrite blocks in place and fdatasync journals no extent conversion. Its old content
+/// past the flush position is never served (restore-wal zero-pads past the flush position),
+/// and a segment is sealed only once every byte of it was written anew. The rename never
+/// replaces a file: the writer may have created that segment itself meanwhile.
+fn recycle(dir: &Path, state: &StoreState, segno: SegmentNo, partial: &Path) -> Result<()> {
+    for ahead in 1..=RECYCLE_AHEAD {
+        let future = segment_path(dir, state, SegmentNo(segno.0 + ahead), PARTIAL_SUFFIX);
+        if segment_path(dir, state, SegmentNo(segno.0 + ahead), SEALED_SUFFIX).exists() {
+            continue;
+        }
+        match nix::fcntl::renameat2(None, partial, None, &future, nix::fcntl::RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => {
+                durable::fsync_dir(dir)?;
+                return Ok(());
+            }
+            Err(nix::errno::Errno::EEXIST) => continue,
+            // Filesystems without RENAME_NOREPLACE: fall back to removing.
+            Err(_) => break,
+        }
+    }
+    durable::remove_durable(partial)?;
     Ok(())
 }
 

@@ -422,6 +422,9 @@ impl Store {
         }
         let path = segment_path(&self.dir, state, segno, PARTIAL_SUFFIX);
         let existed = path.exists();
+        // Whoever created the file (this writer, or the sealer recycling an old segment a
+        // moment ago), its directory entry must be durable before WAL in it is acknowledged.
+        self.dir_dirty = true;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -436,7 +439,6 @@ impl Store {
                 state.seg_size.bytes() as i64,
             )
             .map_err(|e| DurableError::io("preallocate segment", &path, e.into()))?;
-            self.dir_dirty = true;
         }
         self.current = Some(OpenSegment { segno, file, path });
         Ok(())

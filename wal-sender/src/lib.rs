@@ -26,6 +26,7 @@ pub struct ServeConfig {
     pub snapshot_zstd_level: i32,
     pub max_connections: usize,
     pub pgdata: Option<std::path::PathBuf>,
+    pub batch_delay: Duration,
 }
 
 /// Accepts receivers until SIGINT or SIGTERM.
@@ -49,6 +50,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         zstd_level: cfg.zstd_level,
         snapshot_zstd_level: cfg.snapshot_zstd_level,
         pgdata: cfg.pgdata.clone(),
+        batch_delay: cfg.batch_delay,
     };
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

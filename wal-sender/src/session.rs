@@ -41,6 +41,8 @@ pub struct SessionConfig {
     pub snapshot_zstd_level: i32,
     /// The primary's data directory, when given on the command line.
     pub pgdata: Option<std::path::PathBuf>,
+    /// How long a small run of WAL waits for more before it is sent.
+    pub batch_delay: Duration,
 }
 
 /// An error to send to the receiver before closing.
@@ -64,6 +66,7 @@ struct Out {
     enc: FrameEncoder,
     buf: Vec<u8>,
     wire_bytes: u64,
+    frames: u64,
     last_sent: Instant,
 }
 
@@ -76,6 +79,7 @@ impl Out {
             .await
             .context("send to receiver")?;
         self.wire_bytes += self.buf.len() as u64;
+        self.frames += 1;
         self.last_sent = Instant::now();
         Ok(())
     }
@@ -96,6 +100,7 @@ pub async fn run(sock: TcpStream, peer: SocketAddr, cfg: SessionConfig) {
         },
         buf: Vec::new(),
         wire_bytes: 0,
+        frames: 0,
         last_sent: Instant::now(),
     };
     let mut name = String::from("?");
@@ -217,7 +222,7 @@ async fn session(
     }
     info!(receiver = %name, %start_lsn, timeline, %slot, "streaming WAL");
     // PostgreSQL reports missing WAL only once streaming has begun.
-    stream(pg, rd, dec, out, &name, &slot, start_lsn)
+    stream(pg, rd, dec, out, &name, &slot, start_lsn, cfg.batch_delay)
         .await
         .map_err(|e| classify_pg_error(e, &slot, start_lsn))
 }
@@ -264,6 +269,8 @@ fn classify_pg_error(e: anyhow::Error, slot: &str, start_lsn: Lsn) -> anyhow::Er
 
 /// The largest run of WAL coalesced into one frame.
 const MAX_BATCH: usize = 1 << 20;
+/// Below this size a frame waits up to the batch delay for more WAL.
+const SMALL_BATCH: usize = 16 << 10;
 
 /// The upstream side of a stream: what was sent, what was acknowledged.
 struct Upstream<'a> {
@@ -275,6 +282,7 @@ struct Upstream<'a> {
     raw_bytes: u64,
     /// A message read while coalescing that still has to be handled.
     pending: Option<CopyMessage>,
+    batch_delay: Duration,
 }
 
 impl Upstream<'_> {
@@ -291,10 +299,18 @@ impl Upstream<'_> {
                 let mut data = data.to_vec();
                 let mut server_flush_lsn = server_flush_lsn;
                 self.check_continues(start_lsn, &data)?;
+                // Small frames compress badly (each zstd flush restarts its entropy tables)
+                // and cost a wake-up on both sides, so a small run of WAL waits up to
+                // `batch_delay` for more. recv_copy is cancellation-safe: a message still
+                // arriving when the wait ends stays buffered for the next round.
+                let deadline = tokio::time::Instant::now() + self.batch_delay;
                 while data.len() < MAX_BATCH {
-                    // Polls once: only what has already arrived is taken (recv_copy is
-                    // cancellation-safe, so an unfinished message stays buffered).
-                    match tokio::time::timeout(Duration::ZERO, self.pg.recv_copy()).await {
+                    let wait = if data.len() < SMALL_BATCH {
+                        deadline.saturating_duration_since(tokio::time::Instant::now())
+                    } else {
+                        Duration::ZERO
+                    };
+                    match tokio::time::timeout(wait, self.pg.recv_copy()).await {
                         Ok(Ok(CopyMessage::XLogData {
                             start_lsn: next,
                             server_flush_lsn: sf,
@@ -404,6 +420,7 @@ async fn stream(
     name: &str,
     slot: &str,
     start_lsn: Lsn,
+    batch_delay: Duration,
 ) -> Result<()> {
     // Acknowledgements arrive on their own task: frame reads are not cancellation-safe.
     let (ack_tx, mut ack_rx) = watch::channel((Lsn::INVALID, Lsn::INVALID));
@@ -432,6 +449,7 @@ async fn stream(
         ack_flush_lsn: Lsn::INVALID,
         raw_bytes: 0,
         pending: None,
+        batch_delay,
     };
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
     let result: Result<()> = loop {
@@ -462,7 +480,8 @@ async fn stream(
     acks.abort();
     let ack_result = acks.await;
     info!(receiver = %name, %slot, sent_lsn = %up.sent_lsn, ack_flush_lsn = %up.ack_flush_lsn, raw_bytes = up.raw_bytes,
-          wire_bytes = up.out.wire_bytes, "stream ended");
+          wire_bytes = up.out.wire_bytes,
+        frames = up.out.frames, "stream ended");
     up.pg.terminate().await;
     match (result, ack_result) {
         (Ok(()), Ok(Err(e))) => Err(e.context("read from receiver")),
