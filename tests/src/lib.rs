@@ -320,13 +320,7 @@ impl Pg {
     /// Starts `pgbench -c clients -T secs` in the background.
     pub fn pgbench(&self, clients: u32, secs: u32) -> Result<Child> {
         Ok(Command::new(pg_tool("pgbench"))
-            .args([
-                "-n",
-                "-c",
-                &clients.to_string(),
-                "-T",
-                &secs.to_string(),
-            ])
+            .args(["-n", "-c", &clients.to_string(), "-T", &secs.to_string()])
             .arg(self.conninfo())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

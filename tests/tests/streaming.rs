@@ -321,7 +321,11 @@ fn receiver_stops_with_advice_when_the_primary_lost_its_wal() -> Result<()> {
     r.proc.term();
     // The sender closes its replication connection a moment after the receiver goes.
     wait_for("the slot to be released", || {
-        Ok((pg.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'walship_rg'")? == "f").then_some(()))
+        Ok(
+            (pg.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'walship_rg'")?
+                == "f")
+                .then_some(()),
+        )
     })?;
     pg.sql("SELECT pg_drop_replication_slot('walship_rg')")?;
     pg.pgbench_init(6)?;

@@ -96,7 +96,13 @@ fn recycle(dir: &Path, state: &StoreState, segno: SegmentNo, partial: &Path) -> 
         if segment_path(dir, state, SegmentNo(segno.0 + ahead), SEALED_SUFFIX).exists() {
             continue;
         }
-        match nix::fcntl::renameat2(None, partial, None, &future, nix::fcntl::RenameFlags::RENAME_NOREPLACE) {
+        match nix::fcntl::renameat2(
+            None,
+            partial,
+            None,
+            &future,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        ) {
             Ok(()) => {
                 durable::fsync_dir(dir)?;
                 return Ok(());

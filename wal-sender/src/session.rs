@@ -412,6 +412,7 @@ impl Upstream<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     pg: ReplConn,
     mut rd: OwnedReadHalf,
