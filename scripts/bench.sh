@@ -124,7 +124,7 @@ pct() { sort -g "$2" | awk -v p="$1" '{a[NR]=$1} END {if (NR==0) {print "null"; 
 sample() {
     local app=$1 out=$2
     while true; do
-        psql_ "SELECT coalesce(extract(epoch FROM flush_lag) * 1000, 0)::numeric(12,3), pg_current_wal_flush_lsn() - flush_lsn FROM pg_stat_replication WHERE application_name = '$app'" >> "$out" || true
+        psql_ "SELECT coalesce(extract(epoch FROM flush_lag) * 1000, 0)::numeric(12,3), pg_current_wal_flush_lsn() - flush_lsn, extract(epoch FROM clock_timestamp()) FROM pg_stat_replication WHERE application_name = '$app'" >> "$out" || true
         sleep 0.1
     done
 }
