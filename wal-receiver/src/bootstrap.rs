@@ -259,6 +259,29 @@ struct OpenFile {
     crc: u32,
 }
 
+impl OpenFile {
+    /// The file being received, which must continue exactly at `offset`.
+    fn continuing_at(cur: &mut Option<OpenFile>, offset: u64) -> Result<&mut OpenFile> {
+        let f = cur
+            .as_mut()
+            .ok_or_else(|| anyhow!("file data outside a file"))?;
+        if offset != f.next {
+            bail!(
+                "file data for {} at offset {offset}, expected {}",
+                f.path.display(),
+                f.next
+            );
+        }
+        Ok(f)
+    }
+
+    /// Accounts for `bytes` now at the end of the file.
+    fn advance(&mut self, bytes: &[u8]) {
+        self.crc = crc32c::crc32c_append(self.crc, bytes);
+        self.next += bytes.len() as u64;
+    }
+}
+
 /// Receives the snapshot into the target.
 async fn receive(
     conn: Connection,
@@ -442,43 +465,24 @@ async fn receive_loop(
                 });
             }
             Message::FileData { offset, data } => {
-                let f = cur
-                    .as_mut()
-                    .ok_or_else(|| anyhow!("file data outside a file"))?;
-                if offset != f.next {
-                    bail!(
-                        "file data for {} at offset {offset}, expected {}",
-                        f.path.display(),
-                        f.next
-                    );
-                }
+                let f = OpenFile::continuing_at(cur, offset)?;
                 f.file
                     .write_all_at(&data, offset)
                     .with_context(|| format!("write {}", f.path.display()))?;
-                f.crc = crc32c::crc32c_append(f.crc, &data);
-                f.next += data.len() as u64;
+                f.advance(&data);
                 snap.bytes += data.len() as u64;
                 if let Some(p) = progress.as_mut() {
                     p.add(data.len() as u64, 0);
                 }
             }
             Message::FileSame { offset, len } => {
-                let f = cur
-                    .as_mut()
-                    .ok_or_else(|| anyhow!("file data outside a file"))?;
-                if offset != f.next {
-                    bail!(
-                        "file data for {} at offset {offset}, expected {}",
-                        f.path.display(),
-                        f.next
-                    );
-                }
+                let f = OpenFile::continuing_at(cur, offset)?;
+                // len <= CHUNK_LEN, checked when the message was decoded.
                 let mut buf = vec![0u8; len as usize];
                 f.file
                     .read_exact_at(&mut buf, offset)
                     .with_context(|| format!("read staged {}", f.path.display()))?;
-                f.crc = crc32c::crc32c_append(f.crc, &buf);
-                f.next += len as u64;
+                f.advance(&buf);
                 snap.skipped += len as u64;
                 if let Some(p) = progress.as_mut() {
                     p.add(0, len as u64);
