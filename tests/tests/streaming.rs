@@ -408,7 +408,11 @@ fn receiver_rejects_corrupt_truncated_and_oversized_frames() -> Result<()> {
                     return Ok(());
                 }
             }
-            std::thread::sleep(Duration::from_millis(300));
+            // End the round with a FIN, not an RST: half-close, then drain what the
+            // receiver sent, so closing with unread bytes cannot reset the connection
+            // before the receiver has seen the bad frame.
+            s.shutdown(std::net::Shutdown::Write)?;
+            while matches!(s.read(&mut scratch), Ok(n) if n > 0) {}
         }
         Ok(())
     });
