@@ -411,7 +411,8 @@ fn receiver_rejects_corrupt_truncated_and_oversized_frames() -> Result<()> {
             // End the round with a FIN, not an RST: half-close, then drain what the
             // receiver sent, so closing with unread bytes cannot reset the connection
             // before the receiver has seen the bad frame.
-            s.shutdown(std::net::Shutdown::Write)?;
+            // The receiver may have reset the connection already: that is fine too.
+            let _ = s.shutdown(std::net::Shutdown::Write);
             while matches!(s.read(&mut scratch), Ok(n) if n > 0) {}
         }
         Ok(())
