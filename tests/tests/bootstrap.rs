@@ -248,3 +248,63 @@ fn two_receivers_bootstrap_at_the_same_time() -> Result<()> {
     }
     Ok(())
 }
+
+/// A receiver whose slot the primary invalidated stops with exit 3 and advice to bootstrap
+/// again; the bootstrap then works under the same name.
+#[test]
+fn lost_slot_stops_the_receiver_and_a_new_bootstrap_recovers() -> Result<()> {
+    let dir = TestDir::new("lostslot");
+    let conf = "max_slot_wal_keep_size = 32MB\nmin_wal_size = 32MB\nmax_wal_size = 64MB";
+    let pg = Pg::start_primary(&dir, "primary", conf)?;
+    let sender = Sender::start(&dir, &pg)?;
+    let mut r = Receiver::start(&dir, &sender.addr, "rl")?;
+    wait_for("streaming", || {
+        Ok((!r.requested_starts().is_empty()).then_some(()))
+    })?;
+    r.proc.term();
+    wait_for("the slot to be released", || {
+        Ok(
+            (pg.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'walship_rl'")?
+                == "f")
+                .then_some(()),
+        )
+    })?;
+    pg.pgbench_init(5)?;
+    wait_for("the slot to be invalidated", || {
+        pg.sql("SELECT pg_switch_wal()")?;
+        pg.sql("CHECKPOINT")?;
+        Ok((pg
+            .sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walship_rl'")?
+            == "lost")
+            .then_some(()))
+    })?;
+    r.spawn()?;
+    assert_eq!(
+        r.proc.wait_exit()?.code(),
+        Some(3),
+        "{}",
+        tail(&r.proc.log_text(), 5)
+    );
+    assert!(
+        r.proc.log_text().contains("invalidated"),
+        "{}",
+        tail(&r.proc.log_text(), 5)
+    );
+
+    let pgdata = dir.join("standby");
+    let mut boot = Proc::spawn(
+        bootstrap_cmd(&sender.addr, "rl", &pgdata, &dir.join("wal-new"), &[]),
+        dir.join("bootstrap.log"),
+    )?;
+    assert!(
+        boot.wait_exit()?.success(),
+        "bootstrap failed: {}",
+        tail(&boot.log_text(), 10)
+    );
+    let standby = Pg::start_existing(&dir, &pgdata, "standby")?;
+    assert_eq!(
+        pgbench_fingerprint(&standby, &[])?,
+        pgbench_fingerprint(&pg, &[])?
+    );
+    Ok(())
+}

@@ -212,7 +212,7 @@ async fn session(
             sys.flush_lsn
         )));
     }
-    ensure_slot(&mut pg, &slot, start_lsn).await?;
+    ensure_slot(&mut pg, &slot, start_lsn, false).await?;
     if let Err(e) = pg.start_replication(&slot, start_lsn, timeline).await {
         return Err(classify_pg_error(
             e.context(format!("start replication on slot {slot} at {start_lsn}")),
@@ -228,7 +228,10 @@ async fn session(
 }
 
 /// Makes sure the slot exists and still protects WAL from `start_lsn`.
-async fn ensure_slot(pg: &mut ReplConn, slot: &str, start_lsn: Lsn) -> Result<()> {
+/// Makes sure the slot exists and still protects WAL from `start_lsn`. For a `fresh` start
+/// (a bootstrap, which needs no earlier WAL) an invalidated slot is dropped and created
+/// again; otherwise it means the receiver's WAL is gone.
+async fn ensure_slot(pg: &mut ReplConn, slot: &str, start_lsn: Lsn, fresh: bool) -> Result<()> {
     let rows = pg
         .simple_query(&format!("READ_REPLICATION_SLOT {slot}"))
         .await?;
@@ -238,16 +241,15 @@ async fn ensure_slot(pg: &mut ReplConn, slot: &str, start_lsn: Lsn) -> Result<()
     let slot_type = row.first().cloned().flatten();
     let restart_lsn = row.get(1).cloned().flatten();
     match (slot_type.as_deref(), restart_lsn) {
-        (None, _) => {
-            match pg.simple_query(&format!("CREATE_REPLICATION_SLOT \"{slot}\" PHYSICAL RESERVE_WAL")).await {
-                Ok(_) => info!(%slot, "created physical replication slot"),
-                // Another session of the same receiver may have created it a moment ago.
-                Err(e) if e.chain().any(|c| c.downcast_ref::<PgError>().is_some_and(|p| p.code == "42710")) => {}
-                Err(e) => return Err(e.context(format!("create replication slot {slot}"))),
-            }
-            Ok(())
-        }
+        (None, _) => create_slot(pg, slot).await,
         (Some("physical"), Some(_)) => Ok(()),
+        (Some("physical"), None) if fresh => {
+            warn!(%slot, "replication slot was invalidated; dropping it and creating it again for the new bootstrap");
+            pg.simple_query(&format!("DROP_REPLICATION_SLOT \"{slot}\""))
+                .await
+                .with_context(|| format!("drop invalidated replication slot {slot}"))?;
+            create_slot(pg, slot).await
+        }
         (Some("physical"), None) => Err(refuse(ErrorCode::WalGone, format!(
             "replication slot {slot} was invalidated on the primary (max_slot_wal_keep_size?); the WAL from {start_lsn} is gone. Bootstrap this receiver again"
         ))),
@@ -255,6 +257,26 @@ async fn ensure_slot(pg: &mut ReplConn, slot: &str, start_lsn: Lsn) -> Result<()
             "replication slot {slot} exists but is a {other} slot; drop it or choose another receiver name"
         ))),
     }
+}
+
+/// Creates the slot with WAL reserved from now on.
+async fn create_slot(pg: &mut ReplConn, slot: &str) -> Result<()> {
+    match pg
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT \"{slot}\" PHYSICAL RESERVE_WAL"
+        ))
+        .await
+    {
+        Ok(_) => info!(%slot, "created physical replication slot"),
+        // Another session of the same receiver may have created it a moment ago.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<PgError>()
+                    .is_some_and(|p| p.code == "42710")
+            }) => {}
+        Err(e) => return Err(e.context(format!("create replication slot {slot}"))),
+    }
+    Ok(())
 }
 
 fn classify_pg_error(e: anyhow::Error, slot: &str, start_lsn: Lsn) -> anyhow::Error {
@@ -539,7 +561,7 @@ async fn copy(
     let pgdata = snapshot::data_directory(sql, cfg.pgdata.as_deref()).await?;
     // The slot must reserve WAL before the backup starts, or the backup's first segments
     // could be recycled before the copy ends.
-    ensure_slot(pg, slot, Lsn::INVALID).await?;
+    ensure_slot(pg, slot, Lsn::INVALID, true).await?;
     let label = format!("walship {name}");
     let start_lsn: Lsn = sql
         .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
