@@ -328,6 +328,17 @@ impl Pg {
             .spawn()?)
     }
 
+    /// Waits until no connection uses the slot (the sender closes its replication
+    /// connection a moment after its receiver goes).
+    pub fn wait_slot_released(&self, slot: &str) -> Result<()> {
+        wait_for(&format!("slot {slot} to be released"), || {
+            Ok((self.sql(&format!(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ))? == "f")
+                .then_some(()))
+        })
+    }
+
     /// The slot's restart_lsn, if the slot exists and has one.
     pub fn slot_restart_lsn(&self, slot: &str) -> Result<Option<Lsn>> {
         let v = self.sql(&format!(
@@ -575,6 +586,14 @@ impl Receiver {
                 _ => None,
             })
         })
+    }
+
+    /// Waits until the receiver has asked for WAL, and returns where it first asked from.
+    pub fn wait_streaming(&self) -> Result<Lsn> {
+        wait_for(
+            &format!("receiver {} to start streaming", self.name),
+            || Ok(self.requested_starts().first().copied()),
+        )
     }
 
     /// Every `start_lsn` this receiver has requested, in order.

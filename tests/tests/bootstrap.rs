@@ -182,9 +182,7 @@ fn bootstrap_refuses_a_non_empty_directory_and_another_clusters_wal_dir() -> Res
 
     // A WAL store of cluster one, then a bootstrap from cluster two into it.
     let mut r = Receiver::start(&dir, &s1.addr, "rm")?;
-    wait_for("streaming", || {
-        Ok((!r.requested_starts().is_empty()).then_some(()))
-    })?;
+    r.wait_streaming()?;
     r.proc.term();
     let mut boot = Proc::spawn(
         bootstrap_cmd(&s2.addr, "rm", &dir.join("sb2"), &r.wal_dir, &[]),
@@ -258,17 +256,9 @@ fn lost_slot_stops_the_receiver_and_a_new_bootstrap_recovers() -> Result<()> {
     let pg = Pg::start_primary(&dir, "primary", conf)?;
     let sender = Sender::start(&dir, &pg)?;
     let mut r = Receiver::start(&dir, &sender.addr, "rl")?;
-    wait_for("streaming", || {
-        Ok((!r.requested_starts().is_empty()).then_some(()))
-    })?;
+    r.wait_streaming()?;
     r.proc.term();
-    wait_for("the slot to be released", || {
-        Ok(
-            (pg.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'walship_rl'")?
-                == "f")
-                .then_some(()),
-        )
-    })?;
+    pg.wait_slot_released("walship_rl")?;
     pg.pgbench_init(5)?;
     wait_for("the slot to be invalidated", || {
         pg.sql("SELECT pg_switch_wal()")?;

@@ -29,10 +29,7 @@ fn streams_under_load_and_waldump_reads_every_byte() -> Result<()> {
     let pg = Pg::start_primary(&dir, "primary", "")?;
     let sender = Sender::start(&dir, &pg)?;
     let mut r = Receiver::start(&dir, &sender.addr, "r1")?;
-    wait_for("receiver to start streaming", || {
-        Ok((!r.requested_starts().is_empty()).then_some(()))
-    })?;
-    let first = r.requested_starts()[0];
+    let first = r.wait_streaming()?;
     pg.pgbench_init(5)?;
     let mut bench = pg.pgbench(4, 10)?;
     let mut restarts = Vec::new();
@@ -118,10 +115,7 @@ fn continuity_across_receiver_kills_sender_and_primary_restarts_and_cuts() -> Re
     let mut sender = Sender::start(&dir, &pg)?;
     let proxy = Proxy::start(&sender.addr)?;
     let mut r = Receiver::start(&dir, &proxy.addr, "ro")?;
-    wait_for("receiver to start streaming", || {
-        Ok((!r.requested_starts().is_empty()).then_some(()))
-    })?;
-    let first = r.requested_starts()[0];
+    let first = r.wait_streaming()?;
     let mut bench = pg.pgbench(4, 3600)?;
     let settle = || std::thread::sleep(Duration::from_millis(1500));
 
@@ -230,10 +224,7 @@ fn two_receivers_follow_one_sender_and_garbage_does_not_disturb_them() -> Result
     let sender = Sender::start(&dir, &pg)?;
     let mut a = Receiver::start(&dir, &sender.addr, "ra")?;
     let mut b = Receiver::start(&dir, &sender.addr, "rb")?;
-    wait_for("both to stream", || {
-        Ok((!a.requested_starts().is_empty() && !b.requested_starts().is_empty()).then_some(()))
-    })?;
-    let (fa, fb) = (a.requested_starts()[0], b.requested_starts()[0]);
+    let (fa, fb) = (a.wait_streaming()?, b.wait_streaming()?);
     pg.pgbench_init(3)?;
     // Garbage and a half-open connection to the sender while both stream.
     {
@@ -264,9 +255,7 @@ fn store_of_another_cluster_is_refused() -> Result<()> {
     let s1 = Sender::start(&dir, &pg1)?;
     let s2 = Sender::start(&dir, &pg2)?;
     let mut r = Receiver::start(&dir, &s1.addr, "rx")?;
-    wait_for("streaming", || {
-        Ok((!r.requested_starts().is_empty()).then_some(()))
-    })?;
+    r.wait_streaming()?;
     r.proc.term();
     r.sender = s2.addr.clone();
     r.spawn()?;
@@ -290,9 +279,7 @@ fn corrupt_state_file_is_refused_at_start() -> Result<()> {
     let pg = Pg::start_primary(&dir, "primary", "")?;
     let sender = Sender::start(&dir, &pg)?;
     let mut r = Receiver::start(&dir, &sender.addr, "rc")?;
-    wait_for("streaming", || {
-        Ok((!r.requested_starts().is_empty()).then_some(()))
-    })?;
+    r.wait_streaming()?;
     r.proc.term();
     let state = r.wal_dir.join("state");
     let mut bytes = std::fs::read(&state)?;
@@ -315,18 +302,9 @@ fn receiver_stops_with_advice_when_the_primary_lost_its_wal() -> Result<()> {
     let pg = Pg::start_primary(&dir, "primary", "min_wal_size = 32MB\nmax_wal_size = 64MB")?;
     let sender = Sender::start(&dir, &pg)?;
     let mut r = Receiver::start(&dir, &sender.addr, "rg")?;
-    wait_for("streaming", || {
-        Ok((!r.requested_starts().is_empty()).then_some(()))
-    })?;
+    r.wait_streaming()?;
     r.proc.term();
-    // The sender closes its replication connection a moment after the receiver goes.
-    wait_for("the slot to be released", || {
-        Ok(
-            (pg.sql("SELECT active FROM pg_replication_slots WHERE slot_name = 'walship_rg'")?
-                == "f")
-                .then_some(()),
-        )
-    })?;
+    pg.wait_slot_released("walship_rg")?;
     pg.sql("SELECT pg_drop_replication_slot('walship_rg')")?;
     pg.pgbench_init(6)?;
     for _ in 0..3 {
