@@ -568,17 +568,7 @@ impl<'a> Reader<'a> {
     }
     fn long_str(&mut self) -> Result<String, ProtocolError> {
         let len = self.u32()? as usize;
-        if len > MAX_LONG_STRING_LEN {
-            return Err(ProtocolError::Malformed {
-                kind: self.kind,
-                why: "string too long",
-            });
-        }
-        let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| ProtocolError::Malformed {
-            kind: self.kind,
-            why: "string is not UTF-8",
-        })
+        self.string(len, MAX_LONG_STRING_LEN)
     }
     fn u16(&mut self) -> Result<u16, ProtocolError> {
         Ok(u16::from_le_bytes(
@@ -597,7 +587,11 @@ impl<'a> Reader<'a> {
     }
     fn str(&mut self) -> Result<String, ProtocolError> {
         let len = self.u16()? as usize;
-        if len > MAX_STRING_LEN {
+        self.string(len, MAX_STRING_LEN)
+    }
+    /// `len` bytes of UTF-8, after checking `len` against `max`.
+    fn string(&mut self, len: usize, max: usize) -> Result<String, ProtocolError> {
+        if len > max {
             return Err(ProtocolError::Malformed {
                 kind: self.kind,
                 why: "string too long",
