@@ -6,6 +6,7 @@
 //! - [`protocol`]: the walship messages and the handshake.
 //! - [`durable`]: crash-safe file writes.
 //! - [`logging`]: tracing set-up shared by both binaries.
+//! - [`tls`]: TLS configuration and the plain-or-TLS stream halves.
 
 pub mod durable;
 pub mod frame;
@@ -13,6 +14,7 @@ pub mod logging;
 pub mod lsn;
 pub mod protocol;
 pub mod segment;
+pub mod tls;
 
 pub use lsn::Lsn;
 pub use segment::{SegmentNo, TimelineId, WalFileName, WalSegSize};

@@ -119,6 +119,8 @@ pub enum ErrorCode {
     WalGone = 4,
     /// The request does not fit the primary (e.g. a timeline it does not have).
     BadRequest = 5,
+    /// TLS is required, or the receiver's certificate does not allow the name it gave.
+    Auth = 6,
 }
 
 impl ErrorCode {
@@ -128,6 +130,7 @@ impl ErrorCode {
             3 => ErrorCode::BadName,
             4 => ErrorCode::WalGone,
             5 => ErrorCode::BadRequest,
+            6 => ErrorCode::Auth,
             _ => ErrorCode::Other,
         }
     }

@@ -472,18 +472,25 @@ pub struct Sender {
     pub proc: Proc,
     pub addr: String,
     conninfo: String,
+    extra: Vec<String>,
 }
 
 impl Sender {
     pub fn start(dir: &TestDir, pg: &Pg) -> Result<Sender> {
+        Sender::start_with(dir, pg, "sender", &[])
+    }
+
+    /// A sender with extra `serve` arguments, logging to `<dir>/<name>.log`.
+    pub fn start_with(dir: &TestDir, pg: &Pg, name: &str, extra: &[&str]) -> Result<Sender> {
         let addr = format!("127.0.0.1:{}", free_port());
         let mut s = Sender {
             proc: Proc {
                 child: None,
-                log: dir.join("sender.log"),
+                log: dir.join(&format!("{name}.log")),
             },
             addr,
             conninfo: pg.conninfo(),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn()?;
         Ok(s)
@@ -499,7 +506,8 @@ impl Sender {
             &self.conninfo,
             "--listen",
             &self.addr,
-        ]);
+        ])
+        .args(&self.extra);
         self.proc = Proc::spawn(c, self.proc.log.clone())?;
         let addr = self.addr.clone();
         wait_for("wal-sender to listen", || {
@@ -519,6 +527,8 @@ pub struct Receiver {
     pub wal_dir: PathBuf,
     pub name: String,
     pub sender: String,
+    /// Extra `follow` arguments (TLS files, for example).
+    pub extra: Vec<String>,
 }
 
 impl Receiver {
@@ -532,6 +542,7 @@ impl Receiver {
             wal_dir: dir.join(&format!("wal-{name}")),
             name: name.to_owned(),
             sender: sender.to_owned(),
+            extra: Vec::new(),
         }
     }
 
@@ -553,9 +564,17 @@ impl Receiver {
             &self.name,
             "--wal-dir",
         ])
-        .arg(&self.wal_dir);
+        .arg(&self.wal_dir)
+        .args(&self.extra);
         self.proc = Proc::spawn(c, self.proc.log.clone())?;
         Ok(())
+    }
+
+    /// Runs the receiver until it exits by itself; returns its exit code and its log.
+    pub fn run_to_exit(&mut self) -> Result<(Option<i32>, String)> {
+        self.spawn()?;
+        let status = self.proc.wait_exit()?;
+        Ok((status.code(), self.proc.log_text()))
     }
 
     pub fn status(&self) -> Result<serde_json::Value> {
@@ -794,5 +813,64 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         self.cut();
+    }
+}
+
+/// A test certificate authority, and certificates it signs, written as PEM files.
+pub struct Ca {
+    pub cert_path: PathBuf,
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    dir: PathBuf,
+}
+
+impl Ca {
+    /// A new CA whose certificate is `<dir>/<name>.pem`.
+    pub fn new(dir: &TestDir, name: &str) -> Result<Ca> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("walship test CA {name}"));
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        let cert_path = dir.join(&format!("{name}.pem"));
+        fs::write(&cert_path, cert.pem())?;
+        Ok(Ca {
+            cert_path,
+            cert,
+            key,
+            dir: dir.path.clone(),
+        })
+    }
+
+    /// Issues a certificate with common name `cn` and DNS/IP subject alternative names
+    /// `sans`, expired if asked. Returns the paths of its certificate and key.
+    pub fn issue(
+        &self,
+        file: &str,
+        cn: &str,
+        sans: &[&str],
+        expired: bool,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let (c, k) = (
+            self.dir.join(format!("{file}.crt")),
+            self.dir.join(format!("{file}.key")),
+        );
+        fs::write(&c, cert.pem())?;
+        fs::write(&k, key.serialize_pem())?;
+        fs::set_permissions(&k, fs::Permissions::from_mode(0o644))?;
+        Ok((c, k))
     }
 }

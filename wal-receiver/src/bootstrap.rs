@@ -54,6 +54,8 @@ pub struct BootstrapConfig {
     pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
     /// The wal-receiver binary restore_command runs.
     pub restore_bin: PathBuf,
+    /// TLS to the sender; `None` is plaintext.
+    pub tls: Option<follow::TlsClient>,
 }
 
 /// What the snapshot said about itself.
@@ -94,7 +96,8 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
         Vec::new()
     };
 
-    let mut conn = follow::connect(&cfg.sender, &cfg.name, Mode::Bootstrap).await?;
+    let mut conn =
+        follow::connect(&cfg.sender, &cfg.name, Mode::Bootstrap, cfg.tls.as_ref()).await?;
     if let Some(st) = read_state(&wal_dir).map_err(follow::store_fatal)? {
         check_same_cluster(&st, &conn.info, &wal_dir)?;
     }
@@ -133,6 +136,7 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
         wal_dir: wal_dir.clone(),
         start_lsn: Some(snap.start_lsn),
         until: Some(snap.stop_lsn),
+        tls: cfg.tls.clone(),
     })
     .await?;
     let flush_lsn = read_state(&wal_dir)

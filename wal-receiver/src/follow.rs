@@ -11,16 +11,17 @@
 //! nothing is skipped.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 use walship_common::frame::{FrameDecoder, FrameEncoder};
 use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL_VERSION};
+use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, TimelineId, WalSegSize};
 
 use crate::store::{Store, StoreError, StoreState};
@@ -44,6 +45,35 @@ pub struct FollowConfig {
     pub start_lsn: Option<Lsn>,
     /// Stop once the store is flushed to here (bootstrap's stop LSN); `None` follows forever.
     pub until: Option<Lsn>,
+    /// TLS to the sender; `None` is plaintext.
+    pub tls: Option<TlsClient>,
+}
+
+/// How the receiver connects with TLS.
+#[derive(Clone)]
+pub struct TlsClient {
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name the sender's certificate must carry; default: the host of `--sender`.
+    pub server_name: Option<String>,
+}
+
+/// A TLS failure: fatal (exit 9) when retrying cannot help, otherwise an error to retry.
+fn tls_failure(e: anyhow::Error, sender: &str) -> anyhow::Error {
+    let text = tls::explain(e.as_ref(), "the sender");
+    if tls::is_configuration_error(e.as_ref()) {
+        return Fatal {
+            code: exit::AUTH,
+            message: format!(
+                "{} (sender {sender})",
+                text.unwrap_or_else(|| format!("{e:#}"))
+            ),
+        }
+        .into();
+    }
+    match text {
+        Some(t) => e.context(t),
+        None => e,
+    }
 }
 
 /// Maps a store error to the exit code that tells the operator what is wrong.
@@ -107,7 +137,7 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
 }
 
 pub struct Link {
-    wr: OwnedWriteHalf,
+    wr: Writer,
     enc: FrameEncoder,
     buf: Vec<u8>,
 }
@@ -132,6 +162,11 @@ pub fn sender_error(code: ErrorCode, message: String) -> anyhow::Error {
             message: format!("the sender refused this receiver: {message}"),
         }
         .into(),
+        ErrorCode::Auth => Fatal {
+            code: exit::AUTH,
+            message: format!("the sender refused this receiver: {message}"),
+        }
+        .into(),
         ErrorCode::Other => anyhow!("sender reported an error: {message}"),
     }
 }
@@ -147,20 +182,45 @@ pub struct ServerInfo {
 
 /// An open connection to a sender, past the handshake.
 pub struct Connection {
-    pub rd: OwnedReadHalf,
+    pub rd: Reader,
     pub link: Link,
     pub dec: FrameDecoder,
     pub info: ServerInfo,
 }
 
 /// Connects to `sender`, says hello in `mode` and reads its `ServerInfo`.
-pub async fn connect(sender: &str, name: &str, mode: Mode) -> Result<Connection> {
+pub async fn connect(
+    sender: &str,
+    name: &str,
+    mode: Mode,
+    tls_client: Option<&TlsClient>,
+) -> Result<Connection> {
     let sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sender))
         .await
         .map_err(|_| anyhow!("connecting to {sender} timed out"))?
         .with_context(|| format!("connect to sender {sender}"))?;
     sock.set_nodelay(true)?;
-    let (mut rd, wr) = sock.into_split();
+    let (mut rd, wr) = match tls_client {
+        None => tls::split(sock),
+        Some(t) => {
+            let host = t
+                .server_name
+                .clone()
+                .unwrap_or_else(|| tls::host_of(sender).to_owned());
+            let server_name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| Fatal {
+                code: exit::USAGE,
+                message: format!("{host:?} cannot be checked against a certificate: {e}; give --tls-server-name"),
+            })?;
+            let stream = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                tokio_rustls::TlsConnector::from(t.config.clone()).connect(server_name, sock),
+            )
+            .await
+            .map_err(|_| anyhow!("TLS handshake with {sender} timed out"))?
+            .map_err(|e| tls_failure(anyhow::Error::from(e).context("TLS handshake"), sender))?;
+            tls::split(stream)
+        }
+    };
     let mut link = Link {
         wr,
         enc: FrameEncoder::new(1)?,
@@ -172,10 +232,13 @@ pub async fn connect(sender: &str, name: &str, mode: Mode) -> Result<Connection>
         name: name.to_owned(),
         mode,
     })
-    .await?;
+    .await
+    .map_err(|e| tls_failure(e, sender))?;
     let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, dec.read_frame(&mut rd))
         .await
-        .map_err(|_| anyhow!("sender did not answer the handshake within {HANDSHAKE_TIMEOUT:?}"))??
+        .map_err(|_| anyhow!("sender did not answer the handshake within {HANDSHAKE_TIMEOUT:?}"))?
+        // With TLS 1.3 a refused client certificate shows here, at the first read.
+        .map_err(|e| tls_failure(e.into(), sender))?
         .ok_or_else(|| anyhow!("sender closed the connection during the handshake"))?;
     let info = match Message::decode(&frame)? {
         Message::ServerInfo {
@@ -252,7 +315,7 @@ async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<Outcome> {
         mut link,
         mut dec,
         info,
-    } = connect(&cfg.sender, &cfg.name, Mode::Follow).await?;
+    } = connect(&cfg.sender, &cfg.name, Mode::Follow, cfg.tls.as_ref()).await?;
     let (system_id, timeline, seg_size, server_flush_lsn) =
         (info.system_id, info.timeline, info.seg_size, info.flush_lsn);
     match store.state() {

@@ -36,6 +36,9 @@ pub mod exit {
     pub const DISK: u8 = 7;
     /// `bootstrap` was given a non-empty directory that holds no unfinished bootstrap.
     pub const TARGET_NOT_EMPTY: u8 = 8;
+    /// TLS or identity refused: a certificate was rejected by either side, one side does
+    /// not speak TLS, or the receiver's certificate does not carry its name.
+    pub const AUTH: u8 = 9;
 }
 
 /// An error that ends the process with a specific exit code instead of a retry.

@@ -38,6 +38,8 @@ enum Command {
         /// start of the primary's current segment. Ignored when the store has WAL.
         #[arg(long, value_name = "LSN")]
         start_lsn: Option<Lsn>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Make a new standby from a live primary: restore a consistent snapshot into --pgdata,
     /// store WAL through the snapshot's stop position in --wal-dir, and write the recovery
@@ -62,6 +64,8 @@ enum Command {
         /// with pg_basebackup). Needed whenever the standby runs on the primary's host.
         #[arg(long, value_name = "OLD=NEW", value_parser = parse_mapping)]
         tablespace_mapping: Vec<(PathBuf, PathBuf)>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Copy one WAL file from the store to DEST: for restore_command, as
     /// `wal-receiver restore-wal --wal-dir DIR %f %p`. Exits 1 when the file is not there.
@@ -84,6 +88,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// TLS to the sender.
+#[derive(clap::Args, Debug)]
+struct TlsArgs {
+    /// PEM CA certificate(s) that sign the sender's certificate: turns on TLS. The sender's
+    /// certificate must name the host of --sender (or --tls-server-name).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// PEM certificate this receiver presents, for a sender that requires client
+    /// certificates. Its common name or a DNS subject alternative name must be --name.
+    #[arg(long, value_name = "FILE", requires = "tls_key", requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the sender's certificate must carry, when it is not the host in --sender
+    /// (for example when connecting by IP address).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    fn load(self) -> Result<Option<wal_receiver::follow::TlsClient>, Fatal> {
+        let Some(ca) = self.tls_ca else {
+            return Ok(None);
+        };
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            _ => None,
+        };
+        let config = walship_common::tls::client_config(&ca, identity).map_err(|e| Fatal {
+            code: exit::USAGE,
+            message: e.to_string(),
+        })?;
+        Ok(Some(wal_receiver::follow::TlsClient {
+            config,
+            server_name: self.tls_server_name,
+        }))
+    }
 }
 
 fn parse_mapping(s: &str) -> Result<(PathBuf, PathBuf), String> {
@@ -111,7 +155,9 @@ fn main() -> ExitCode {
             name,
             wal_dir,
             start_lsn,
-        } => runtime().and_then(|rt| {
+            tls,
+        } => tls.load().map_err(anyhow::Error::from).and_then(|tls| {
+            let rt = runtime()?;
             rt.block_on(wal_receiver::follow::follow(
                 wal_receiver::follow::FollowConfig {
                     sender,
@@ -119,6 +165,7 @@ fn main() -> ExitCode {
                     wal_dir,
                     start_lsn,
                     until: None,
+                    tls,
                 },
             ))
         }),
@@ -128,9 +175,11 @@ fn main() -> ExitCode {
             pgdata,
             wal_dir,
             tablespace_mapping,
+            tls,
         } => std::env::current_exe()
             .map_err(anyhow::Error::from)
             .and_then(|restore_bin| {
+                let tls = tls.load()?;
                 runtime()?.block_on(wal_receiver::bootstrap::bootstrap(
                     wal_receiver::bootstrap::BootstrapConfig {
                         sender,
@@ -139,6 +188,7 @@ fn main() -> ExitCode {
                         wal_dir,
                         tablespace_mapping,
                         restore_bin,
+                        tls,
                     },
                 ))
             }),

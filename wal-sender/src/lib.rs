@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
+pub use crate::session::Security;
 use crate::session::SessionConfig;
 
 /// What `wal-sender serve` needs.
@@ -27,6 +28,8 @@ pub struct ServeConfig {
     pub max_connections: usize,
     pub pgdata: Option<std::path::PathBuf>,
     pub batch_delay: Duration,
+    pub handshake_timeout: Duration,
+    pub security: Security,
 }
 
 /// Accepts receivers until SIGINT or SIGTERM.
@@ -44,13 +47,28 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
-    info!(listen = %listener.local_addr()?, "wal-sender listening");
+    let local = listener.local_addr()?;
+    match (&cfg.security.tls, cfg.security.client_auth) {
+        (Some(_), true) => {
+            info!(listen = %local, "wal-sender listening: TLS, client certificates required (a receiver acts only under a name its certificate carries)")
+        }
+        (Some(_), false) => {
+            info!(listen = %local, "wal-sender listening: TLS; client certificates are not required, so any client that reaches this port can act as any receiver")
+        }
+        (None, _) if local.ip().is_loopback() => {
+            info!(listen = %local, "wal-sender listening: plaintext, loopback only")
+        }
+        (None, _) => {
+            warn!(listen = %local, "wal-sender listening WITHOUT TLS on a non-loopback address (--insecure-listen): WAL and snapshots travel unencrypted and receivers are not authenticated")
+        }
+    }
     let session_cfg = SessionConfig {
         pg,
         zstd_level: cfg.zstd_level,
         snapshot_zstd_level: cfg.snapshot_zstd_level,
         pgdata: cfg.pgdata.clone(),
         batch_delay: cfg.batch_delay,
+        handshake_timeout: cfg.handshake_timeout,
     };
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -70,8 +88,9 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
                     continue;
                 };
                 let scfg = session_cfg.clone();
+                let sec = cfg.security.clone();
                 tokio::spawn(async move {
-                    session::run(sock, peer, scfg).await;
+                    session::run(sock, peer, scfg, sec).await;
                     drop(permit);
                 });
             }

@@ -1,9 +1,13 @@
-//! The wal-sender command line. Exit codes: 0 stopped by a signal, 1 error, 2 bad usage.
+//! The wal-sender command line. Exit codes: 0 stopped by a signal, 1 error, 2 bad usage or
+//! configuration (including unusable TLS files and a non-loopback address without TLS).
 
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use walship_common::logging::{self, LogFormat};
+use walship_common::tls;
 
 const DEFAULT_ZSTD_LEVEL: i32 = 3;
 const DEFAULT_SNAPSHOT_ZSTD_LEVEL: i32 = 1;
@@ -47,11 +51,63 @@ enum Command {
         /// Larger frames compress better and cost fewer wake-ups; 0 sends at once.
         #[arg(long, value_name = "DURATION", default_value = DEFAULT_BATCH_DELAY, value_parser = humantime::parse_duration)]
         batch_delay: std::time::Duration,
+        /// How long a new connection has for each step of its handshake (TLS, hello,
+        /// request) before it is closed, so that idle connections cannot hold the
+        /// --max-connections places.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        handshake_timeout: std::time::Duration,
         /// The primary's data directory, read for snapshots. Default: the server's
         /// data_directory setting (the sender must run on the primary's host).
         #[arg(long, value_name = "DIR")]
         pgdata: Option<std::path::PathBuf>,
+        /// PEM certificate (chain) the sender presents: turns on TLS. Every connection must
+        /// then be TLS; a plaintext receiver is refused before any data moves.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// PEM CA certificate(s) that sign receivers' certificates. With it, every receiver
+        /// must present a certificate, and may use only a receiver name that is the
+        /// certificate's common name or one of its DNS subject alternative names.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
+        /// Allow listening on a non-loopback address without TLS. Without TLS anyone who
+        /// reaches the port can read the database's WAL and snapshots.
+        #[arg(long)]
+        insecure_listen: bool,
     },
+}
+
+/// Checks the listen address and loads the TLS files, before anything starts.
+fn security(
+    listen: &str,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    insecure_listen: bool,
+) -> Result<wal_sender::Security, String> {
+    let tls = match (&tls_cert, &tls_key) {
+        (Some(cert), Some(key)) => Some(
+            tls::server_config(cert, key, tls_client_ca.as_deref()).map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
+    if tls.is_none() && !insecure_listen {
+        let addrs: Vec<_> = listen
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve --listen {listen}: {e}"))?
+            .collect();
+        if let Some(a) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            return Err(format!(
+                "refusing to listen on {a} without TLS: anyone who reaches it could read the database. Give --tls-cert and --tls-key (and --tls-client-ca to authenticate receivers), listen on a loopback address, or accept the risk with --insecure-listen"
+            ));
+        }
+    }
+    Ok(wal_sender::Security {
+        tls,
+        client_auth: tls_client_ca.is_some(),
+    })
 }
 
 fn main() -> ExitCode {
@@ -73,15 +129,32 @@ fn main() -> ExitCode {
             max_connections,
             pgdata,
             batch_delay,
-        } => rt.block_on(wal_sender::serve(wal_sender::ServeConfig {
-            pg_conn,
-            listen,
-            zstd_level,
-            snapshot_zstd_level,
-            max_connections,
-            pgdata,
-            batch_delay,
-        })),
+            handshake_timeout,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            insecure_listen,
+        } => {
+            let security =
+                match security(&listen, tls_cert, tls_key, tls_client_ca, insecure_listen) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("wal-sender: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+            rt.block_on(wal_sender::serve(wal_sender::ServeConfig {
+                pg_conn,
+                listen,
+                zstd_level,
+                snapshot_zstd_level,
+                max_connections,
+                pgdata,
+                batch_delay,
+                handshake_timeout,
+                security,
+            }))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

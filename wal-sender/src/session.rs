@@ -9,23 +9,22 @@
 //! protocol violation and ends the session.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use walship_common::frame::{FrameDecoder, FrameEncoder};
 use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL_VERSION};
+use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, WalSegSize};
 
 use crate::pgconn::{CopyMessage, PgError, ReplConn};
 use crate::snapshot::{self, ChunkReader, Entry, Have};
 
-/// How long a receiver has to complete the handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Status updates go upstream at least this often, acknowledged or not.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// A keepalive goes to the receiver when nothing else was sent for this long.
@@ -43,6 +42,8 @@ pub struct SessionConfig {
     pub pgdata: Option<std::path::PathBuf>,
     /// How long a small run of WAL waits for more before it is sent.
     pub batch_delay: Duration,
+    /// How long a receiver has for each step of the handshake (TLS, Hello, its request).
+    pub handshake_timeout: Duration,
 }
 
 /// An error to send to the receiver before closing.
@@ -62,7 +63,7 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> anyhow::Error {
 }
 
 struct Out {
-    wr: OwnedWriteHalf,
+    wr: Writer,
     enc: FrameEncoder,
     buf: Vec<u8>,
     wire_bytes: u64,
@@ -85,26 +86,85 @@ impl Out {
     }
 }
 
+/// How the sender secures its connections.
+#[derive(Clone)]
+pub struct Security {
+    /// TLS settings; `None` is plaintext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Receivers must present a certificate, and may act only under a name it carries.
+    pub client_auth: bool,
+}
+
+/// A connection after TLS: its halves, and the names the receiver's certificate allows
+/// (`None` when client certificates are not required).
+struct Accepted {
+    rd: Reader,
+    wr: Writer,
+    identity: Option<Vec<String>>,
+}
+
 /// Runs a session to its end, logging how it ended. Never panics on bad input.
-pub async fn run(sock: TcpStream, peer: SocketAddr, cfg: SessionConfig) {
+pub async fn run(sock: TcpStream, peer: SocketAddr, cfg: SessionConfig, sec: Security) {
     let _ = sock.set_nodelay(true);
-    let (rd, wr) = sock.into_split();
-    let mut out = Out {
-        wr,
-        enc: match FrameEncoder::new(cfg.zstd_level) {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(%peer, "cannot create compressor: {e}");
-                return;
+    let enc = match FrameEncoder::new(cfg.zstd_level) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(%peer, "cannot create compressor: {e}");
+            return;
+        }
+    };
+    let accepted = match tokio::time::timeout(cfg.handshake_timeout, accept(sock, &sec)).await {
+        Ok(Ok(Ok(a))) => a,
+        Ok(Ok(Err((mut wr, text)))) => {
+            // A plaintext receiver at a TLS sender: tell it why, in its own protocol, and
+            // nothing else.
+            warn!(%peer, "refused: {text}");
+            if let Ok(mut enc) = FrameEncoder::new(1) {
+                let mut buf = Vec::new();
+                let msg = Message::Error {
+                    code: ErrorCode::Auth,
+                    message: text,
+                };
+                if msg.encode(&mut enc, &mut buf).is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), wr.write_all(&buf)).await;
+                }
             }
-        },
+            let _ = wr.shutdown().await;
+            return;
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            // A port probe, or a client that gave up.
+            info!(%peer, "connection closed before the handshake");
+            return;
+        }
+        Ok(Err(e)) => {
+            let text = tls::explain(&e, "the receiver").unwrap_or_else(|| format!("{e:#}"));
+            warn!(%peer, "connection refused: {text}");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "connection closed: no handshake within {:?}", cfg.handshake_timeout);
+            return;
+        }
+    };
+    let mut out = Out {
+        wr: accepted.wr,
+        enc,
         buf: Vec::new(),
         wire_bytes: 0,
         frames: 0,
         last_sent: Instant::now(),
     };
     let mut name = String::from("?");
-    let result = session(rd, &mut out, peer, &cfg, &mut name).await;
+    let result = session(
+        accepted.rd,
+        &mut out,
+        peer,
+        &cfg,
+        accepted.identity,
+        &mut name,
+    )
+    .await;
     match result {
         Ok(()) => info!(receiver = %name, %peer, "receiver disconnected"),
         Err(e) => {
@@ -126,7 +186,74 @@ pub async fn run(sock: TcpStream, peer: SocketAddr, cfg: SessionConfig) {
     let _ = out.wr.shutdown().await;
 }
 
-async fn read_msg(dec: &mut FrameDecoder, rd: &mut OwnedReadHalf) -> Result<Message> {
+/// The TLS handshake, when TLS is on. `Ok(Err(..))` is a plaintext client at a TLS sender:
+/// the socket is handed back so that it can be told why it is refused.
+async fn accept(
+    sock: TcpStream,
+    sec: &Security,
+) -> std::io::Result<std::result::Result<Accepted, (TcpStream, String)>> {
+    let Some(cfg) = &sec.tls else {
+        let (rd, wr) = tls::split(sock);
+        return Ok(Ok(Accepted {
+            rd,
+            wr,
+            identity: None,
+        }));
+    };
+    let mut first = [0u8; 1];
+    if sock.peek(&mut first).await? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed before the handshake",
+        ));
+    }
+    if first[0] != tls::TLS_HANDSHAKE_BYTE {
+        return Ok(Err((
+            sock,
+            "this sender requires TLS; give the receiver --tls-ca (and --tls-cert/--tls-key if the sender requires client certificates)".to_owned(),
+        )));
+    }
+    let stream = tokio_rustls::TlsAcceptor::from(cfg.clone())
+        .accept(sock)
+        .await?;
+    let identity = if sec.client_auth {
+        let der = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| std::io::Error::other("the receiver presented no certificate"))?;
+        Some(certificate_names(der.as_ref()))
+    } else {
+        None
+    };
+    let (rd, wr) = tls::split(stream);
+    Ok(Ok(Accepted { rd, wr, identity }))
+}
+
+/// The names a client certificate carries: its subject common names and DNS subject
+/// alternative names. A certificate that cannot be parsed carries none.
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for gn in &san.value.general_names {
+            if let GeneralName::DNSName(d) = gn {
+                names.push((*d).to_owned());
+            }
+        }
+    }
+    names
+}
+
+async fn read_msg(dec: &mut FrameDecoder, rd: &mut Reader) -> Result<Message> {
     let frame = dec
         .read_frame(rd)
         .await?
@@ -135,16 +262,17 @@ async fn read_msg(dec: &mut FrameDecoder, rd: &mut OwnedReadHalf) -> Result<Mess
 }
 
 async fn session(
-    mut rd: OwnedReadHalf,
+    mut rd: Reader,
     out: &mut Out,
     peer: SocketAddr,
     cfg: &SessionConfig,
+    identity: Option<Vec<String>>,
     name_out: &mut String,
 ) -> Result<()> {
     let mut dec = FrameDecoder::new()?;
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut dec, &mut rd))
+    let hello = tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut dec, &mut rd))
         .await
-        .map_err(|_| anyhow!("handshake not completed within {HANDSHAKE_TIMEOUT:?}"))??;
+        .map_err(|_| anyhow!("handshake not completed within {:?}", cfg.handshake_timeout))??;
     let (name, mode) = match hello {
         Message::Hello {
             version,
@@ -162,6 +290,14 @@ async fn session(
         other => bail!("expected Hello, got {:?}", other.kind()),
     };
     *name_out = name.clone();
+    if let Some(names) = &identity {
+        // The name picks the slot: a receiver may touch only its own.
+        if !names.contains(&name) {
+            return Err(refuse(ErrorCode::Auth, format!(
+                "the receiver's certificate allows the names {names:?}, not {name:?}; a receiver may act only under a name its certificate carries"
+            )));
+        }
+    }
     let slot = format!("walship_{name}");
     info!(receiver = %name, %peer, "receiver connected");
 
@@ -189,9 +325,9 @@ async fn session(
     }
 
     let (start_lsn, timeline) =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut dec, &mut rd))
+        match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut dec, &mut rd))
             .await
-            .map_err(|_| anyhow!("handshake not completed within {HANDSHAKE_TIMEOUT:?}"))??
+            .map_err(|_| anyhow!("handshake not completed within {:?}", cfg.handshake_timeout))??
         {
             Message::StartStream {
                 start_lsn,
@@ -437,7 +573,7 @@ impl Upstream<'_> {
 #[allow(clippy::too_many_arguments)]
 async fn stream(
     pg: ReplConn,
-    mut rd: OwnedReadHalf,
+    mut rd: Reader,
     mut dec: FrameDecoder,
     out: &mut Out,
     name: &str,
@@ -517,7 +653,7 @@ async fn stream(
 /// open until it is stopped; if this session fails, dropping it aborts the backup.
 async fn bootstrap(
     mut pg: ReplConn,
-    mut rd: OwnedReadHalf,
+    mut rd: Reader,
     mut dec: FrameDecoder,
     out: &mut Out,
     cfg: &SessionConfig,
@@ -526,10 +662,13 @@ async fn bootstrap(
 ) -> Result<()> {
     let mut have = Have::default();
     loop {
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut dec, &mut rd))
+        match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut dec, &mut rd))
             .await
             .map_err(|_| {
-                anyhow!("receiver sent nothing for {HANDSHAKE_TIMEOUT:?} before the backup")
+                anyhow!(
+                    "receiver sent nothing for {:?} before the backup",
+                    cfg.handshake_timeout
+                )
             })?? {
             Message::Have { path, sums } => have.add(path, sums)?,
             Message::StartBackup => break,
