@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use tracing::info;
+use tracing::{info, warn};
 use walship_common::durable;
 use walship_common::protocol::{
     chunk_sum, validate_name, Message, Mode, CHUNK_LEN, MAX_SUMS_PER_MESSAGE,
@@ -42,6 +42,10 @@ const PG_CONTROL: &str = "global/pg_control";
 const PG_CONTROL_STAGED: &str = "global/pg_control.walship-partial";
 /// The sender sends at least this often while copying; silence longer means a dead link.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// A failed snapshot attempt is resumed this many times before the bootstrap gives up.
+const MAX_ATTEMPTS: u32 = 10;
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(15);
 /// The retry interval written for the standby: how often it asks restore_command again.
 const RETRY_INTERVAL: &str = "200ms";
 
@@ -80,42 +84,28 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
     let pgdata = std::path::absolute(&cfg.pgdata)?;
     let wal_dir = std::path::absolute(&cfg.wal_dir)?;
     let started = Instant::now();
-    let resumed = check_target(&pgdata)?;
-    // Checksums are computed before connecting: the sender waits only briefly for them.
-    let staged = if resumed {
-        let dir = pgdata.clone();
-        let staged = tokio::task::spawn_blocking(move || staged_sums(&dir)).await??;
-        let bytes: u64 = staged.iter().map(|(_, s)| s.len() as u64 * CHUNK_LEN).sum();
-        info!(
-            files = staged.len(),
-            approx_bytes = bytes,
-            "resuming an unfinished bootstrap"
-        );
-        staged
-    } else {
-        Vec::new()
-    };
-
-    let mut conn =
-        follow::connect(&cfg.sender, &cfg.name, Mode::Bootstrap, cfg.tls.as_ref()).await?;
-    if let Some(st) = read_state(&wal_dir).map_err(follow::store_fatal)? {
-        check_same_cluster(&st, &conn.info, &wal_dir)?;
-    }
-    if !resumed {
-        create_target(&pgdata)?;
-    }
-    for (path, sums) in staged {
-        for part in sums.chunks(MAX_SUMS_PER_MESSAGE) {
-            conn.link
-                .send(&Message::Have {
-                    path: path.clone(),
-                    sums: part.to_vec(),
-                })
-                .await?;
+    // A broken connection or a damaged frame costs only what was in flight: the attempt
+    // is resumed like an interrupted bootstrap, skipping every file already staged.
+    let mut backoff = RETRY_BACKOFF_MIN;
+    let mut attempt = 1;
+    let snap = loop {
+        let resumed = check_target(&pgdata)?;
+        match snapshot(&cfg, &pgdata, &wal_dir, resumed).await {
+            Ok(snap) => break snap,
+            Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
+            Err(e) if attempt >= MAX_ATTEMPTS => {
+                return Err(e.context(format!(
+                    "snapshot failed {attempt} times; run the bootstrap again to resume"
+                )))
+            }
+            Err(e) => {
+                warn!("snapshot attempt {attempt} of {MAX_ATTEMPTS} failed: {e:#}; resuming in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_BACKOFF_MAX);
+                attempt += 1;
+            }
         }
-    }
-    conn.link.send(&Message::StartBackup).await?;
-    let snap = receive(conn, &pgdata, &cfg.tablespace_mapping, resumed).await?;
+    };
     info!(
         start_lsn = %snap.start_lsn, stop_lsn = %snap.stop_lsn, files = snap.received.len(),
         received_bytes = snap.bytes, skipped_bytes = snap.skipped, wire_bytes = snap.wire,
@@ -155,6 +145,73 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
     Ok(())
 }
 
+/// One attempt at the snapshot: stage what is missing or changed into `pgdata`.
+async fn snapshot(
+    cfg: &BootstrapConfig,
+    pgdata: &Path,
+    wal_dir: &Path,
+    resumed: bool,
+) -> Result<Snapshot> {
+    // Checksums are computed before connecting: the sender waits only briefly for them.
+    let staged = if resumed {
+        let dir = pgdata.to_owned();
+        let staged = tokio::task::spawn_blocking(move || staged_sums(&dir)).await??;
+        let bytes: u64 = staged.iter().map(|(_, s)| s.len() as u64 * CHUNK_LEN).sum();
+        info!(
+            files = staged.len(),
+            approx_bytes = bytes,
+            "resuming an unfinished bootstrap"
+        );
+        staged
+    } else {
+        Vec::new()
+    };
+
+    let mut conn =
+        follow::connect(&cfg.sender, &cfg.name, Mode::Bootstrap, cfg.tls.as_ref()).await?;
+    if let Some(st) = read_state(wal_dir).map_err(follow::store_fatal)? {
+        check_same_cluster(&st, &conn.info, wal_dir)?;
+    }
+    if resumed {
+        check_marker(pgdata, conn.info.system_id)?;
+    } else {
+        create_target(pgdata, conn.info.system_id)?;
+    }
+    for (path, sums) in staged {
+        for part in sums.chunks(MAX_SUMS_PER_MESSAGE) {
+            conn.link
+                .send(&Message::Have {
+                    path: path.clone(),
+                    sums: part.to_vec(),
+                })
+                .await?;
+        }
+    }
+    conn.link.send(&Message::StartBackup).await?;
+    receive(conn, pgdata, &cfg.tablespace_mapping, resumed).await
+}
+
+/// Refuses to resume a bootstrap of another cluster into `pgdata`.
+fn check_marker(pgdata: &Path, system_id: u64) -> Result<()> {
+    let text = fs::read_to_string(pgdata.join(MARKER))
+        .with_context(|| format!("read {}", pgdata.join(MARKER).display()))?;
+    let recorded = text
+        .lines()
+        .find_map(|l| l.strip_prefix("system_identifier="))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match recorded {
+        Some(id) if id != system_id => Err(Fatal {
+            code: exit::MISMATCH,
+            message: format!(
+                "{} holds an unfinished bootstrap of system {id}, but the sender's primary is system {system_id}; refusing to mix clusters. Empty the directory or use another one",
+                pgdata.display()
+            ),
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
 /// Checks the target: absent or empty is a new bootstrap, one holding the marker is resumed
 /// (`true`), anything else is refused.
 fn check_target(pgdata: &Path) -> Result<bool> {
@@ -176,13 +233,13 @@ fn check_target(pgdata: &Path) -> Result<bool> {
     }
 }
 
-/// Creates the target (mode 0700) with its marker.
-fn create_target(pgdata: &Path) -> Result<()> {
+/// Creates the target (mode 0700) with its marker, which names the cluster.
+fn create_target(pgdata: &Path, system_id: u64) -> Result<()> {
     fs::create_dir_all(pgdata).with_context(|| format!("create {}", pgdata.display()))?;
     fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700))?;
     durable::write_atomic(
         &pgdata.join(MARKER),
-        b"wal-receiver bootstrap in progress\n",
+        format!("wal-receiver bootstrap in progress\nsystem_identifier={system_id}\n").as_bytes(),
     )?;
     if let Some(parent) = pgdata.parent() {
         durable::fsync_dir(parent)?;
@@ -805,10 +862,17 @@ mod tests {
         let d = std::env::temp_dir().join(format!("walship-target-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         assert!(!check_target(&d).unwrap());
-        create_target(&d).unwrap();
+        create_target(&d, 42).unwrap();
         assert!(
             check_target(&d).unwrap(),
             "own unfinished bootstrap not resumed"
+        );
+        check_marker(&d, 42).unwrap();
+        let e = check_marker(&d, 43).unwrap_err();
+        assert_eq!(
+            e.downcast_ref::<Fatal>().map(|f| f.code),
+            Some(exit::MISMATCH),
+            "another cluster's bootstrap resumed"
         );
         fs::remove_file(d.join(MARKER)).unwrap();
         assert!(!check_target(&d).unwrap(), "empty directory refused");

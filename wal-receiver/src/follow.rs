@@ -178,6 +178,8 @@ pub struct ServerInfo {
     pub timeline: TimelineId,
     pub seg_size: WalSegSize,
     pub flush_lsn: Lsn,
+    /// PostgreSQL major version, from the server's version string (0 if unreadable).
+    pub pg_version: u32,
 }
 
 /// An open connection to a sender, past the handshake.
@@ -258,6 +260,7 @@ pub async fn connect(
             })?;
             info!(system_id, timeline, %flush_lsn, %server_version, "connected to sender");
             ServerInfo {
+                pg_version: pg_major_version(&server_version),
                 system_id,
                 timeline: TimelineId(timeline),
                 seg_size: seg,
@@ -273,6 +276,13 @@ pub async fn connect(
         dec,
         info,
     })
+}
+
+/// The major version in a PostgreSQL version string ("15.18 (Debian ...)" is 15); 0 if
+/// there is none.
+pub fn pg_major_version(v: &str) -> u32 {
+    let digits: String = v.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().unwrap_or(0)
 }
 
 /// Refuses a sender whose primary is not the cluster the store holds.
@@ -294,6 +304,16 @@ pub fn check_same_cluster(
                 "the primary uses {}-byte WAL segments but the store holds {}-byte segments",
                 info.seg_size.bytes(),
                 st.seg_size.bytes()
+            ),
+        }
+        .into());
+    }
+    if st.pg_version != 0 && info.pg_version != 0 && st.pg_version != info.pg_version {
+        return Err(Fatal {
+            code: exit::MISMATCH,
+            message: format!(
+                "the primary runs PostgreSQL {} but the store holds WAL of PostgreSQL {}; WAL formats differ between major versions. Use another --wal-dir",
+                info.pg_version, st.pg_version
             ),
         }
         .into());
@@ -325,8 +345,10 @@ async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<Outcome> {
                 .start_lsn
                 .unwrap_or(server_flush_lsn)
                 .segment_start(seg_size);
-            tokio::task::block_in_place(|| store.init(system_id, timeline, seg_size, start_lsn))
-                .map_err(store_fatal)?;
+            tokio::task::block_in_place(|| {
+                store.init(system_id, timeline, seg_size, info.pg_version, start_lsn)
+            })
+            .map_err(store_fatal)?;
             info!(%start_lsn, "initialised empty WAL store");
         }
     }
@@ -435,5 +457,54 @@ async fn stream(
             let flush_lsn = store.flush_lsn();
             info!(%flush_lsn, %server_flush_lsn, lag_bytes = server_flush_lsn.saturating_sub(flush_lsn), "following");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_clusters_store_is_refused() {
+        let seg = WalSegSize::new(16 << 20).unwrap();
+        let st = StoreState {
+            system_id: 7,
+            timeline: TimelineId(1),
+            seg_size: seg,
+            pg_version: 15,
+            flush_lsn: Lsn(0x100_0000),
+            raw_bytes: 0,
+            wire_bytes: 0,
+        };
+        let info = |system_id, seg_size, pg_version| ServerInfo {
+            system_id,
+            timeline: TimelineId(1),
+            seg_size,
+            flush_lsn: Lsn(0x200_0000),
+            pg_version,
+        };
+        let dir = std::path::Path::new("store");
+        assert!(check_same_cluster(&st, &info(7, seg, 15), dir).is_ok());
+        let code = |r: Result<()>| r.unwrap_err().downcast_ref::<Fatal>().map(|f| f.code);
+        assert_eq!(
+            code(check_same_cluster(&st, &info(8, seg, 15), dir)),
+            Some(exit::MISMATCH)
+        );
+        let other_seg = WalSegSize::new(64 << 20).unwrap();
+        assert_eq!(
+            code(check_same_cluster(&st, &info(7, other_seg, 15), dir)),
+            Some(exit::MISMATCH)
+        );
+        assert_eq!(
+            code(check_same_cluster(&st, &info(7, seg, 16), dir)),
+            Some(exit::MISMATCH)
+        );
+    }
+
+    #[test]
+    fn major_version_of_a_server_version_string() {
+        assert_eq!(pg_major_version("15.18 (Debian 15.18-0+deb12u1)"), 15);
+        assert_eq!(pg_major_version("16beta2"), 16);
+        assert_eq!(pg_major_version("fake"), 0);
     }
 }

@@ -18,6 +18,8 @@ pub struct Status {
     pub timeline: u32,
     pub flush_lsn: String,
     pub segment_size: u64,
+    /// PostgreSQL major version of the primary (0: not recorded).
+    pub pg_version: u32,
     pub first_segment: Option<String>,
     pub last_segment: Option<String>,
     pub sealed_segments: u64,
@@ -71,6 +73,7 @@ pub fn status(wal_dir: &Path) -> Result<Option<Status>> {
         timeline: state.timeline.0,
         flush_lsn: state.flush_lsn.to_string(),
         segment_size: state.seg_size.bytes(),
+        pg_version: state.pg_version,
         first_segment: names.first().map(|n| n.1.clone()),
         last_segment: names.last().map(|n| n.1.clone()),
         sealed_segments: sealed,
@@ -96,6 +99,7 @@ impl std::fmt::Display for Status {
         writeln!(f, "timeline:           {}", self.timeline)?;
         writeln!(f, "flush position:     {}", self.flush_lsn)?;
         writeln!(f, "segment size:       {} bytes", self.segment_size)?;
+        writeln!(f, "PostgreSQL version: {}", self.pg_version)?;
         writeln!(
             f,
             "first segment:      {}",

@@ -78,6 +78,8 @@ pub struct StoreState {
     pub system_id: u64,
     pub timeline: TimelineId,
     pub seg_size: WalSegSize,
+    /// PostgreSQL major version of the primary (15); 0 in stores made before it was kept.
+    pub pg_version: u32,
     pub flush_lsn: Lsn,
     pub raw_bytes: u64,
     pub wire_bytes: u64,
@@ -91,6 +93,7 @@ impl StoreState {
         b[12..16].copy_from_slice(&self.timeline.0.to_le_bytes());
         b[16..24].copy_from_slice(&self.system_id.to_le_bytes());
         b[24..28].copy_from_slice(&(self.seg_size.bytes() as u32).to_le_bytes());
+        b[28..32].copy_from_slice(&self.pg_version.to_le_bytes());
         b[32..40].copy_from_slice(&self.flush_lsn.0.to_le_bytes());
         b[40..48].copy_from_slice(&self.raw_bytes.to_le_bytes());
         b[48..56].copy_from_slice(&self.wire_bytes.to_le_bytes());
@@ -131,6 +134,7 @@ impl StoreState {
             system_id: u64_at(16),
             timeline: TimelineId(timeline),
             seg_size,
+            pg_version: u32_at(28),
             flush_lsn: Lsn(u64_at(32)),
             raw_bytes: u64_at(40),
             wire_bytes: u64_at(48),
@@ -350,6 +354,7 @@ impl Store {
         system_id: u64,
         timeline: TimelineId,
         seg_size: WalSegSize,
+        pg_version: u32,
         start_lsn: Lsn,
     ) -> Result<(), StoreError> {
         assert!(self.state.is_none(), "init on an initialised store");
@@ -357,6 +362,7 @@ impl Store {
             system_id,
             timeline,
             seg_size,
+            pg_version,
             flush_lsn: start_lsn,
             raw_bytes: 0,
             wire_bytes: 0,
@@ -541,6 +547,7 @@ mod tests {
             system_id: 7712431528347405820,
             timeline: TimelineId(3),
             seg_size: seg1m(),
+            pg_version: 15,
             flush_lsn: Lsn(0x23004A50),
             raw_bytes: 10,
             wire_bytes: 3,
@@ -559,7 +566,8 @@ mod tests {
     fn writes_flushes_seals_and_reopens() {
         let dir = tmpdir("cycle");
         let mut st = Store::open(&dir).unwrap();
-        st.init(42, TimelineId(1), seg1m(), Lsn(1 << 20)).unwrap();
+        st.init(42, TimelineId(1), seg1m(), 15, Lsn(1 << 20))
+            .unwrap();
         let data: Vec<u8> = (0..(1 << 20) + 5000).map(|i| (i % 251) as u8).collect();
         st.write(Lsn(1 << 20), &data[..1000], 100).unwrap();
         assert_eq!(st.flush_lsn(), Lsn(1 << 20));
@@ -595,7 +603,8 @@ mod tests {
     fn corrupt_state_is_refused() {
         let dir = tmpdir("corrupt");
         let mut st = Store::open(&dir).unwrap();
-        st.init(42, TimelineId(1), seg1m(), Lsn(1 << 20)).unwrap();
+        st.init(42, TimelineId(1), seg1m(), 15, Lsn(1 << 20))
+            .unwrap();
         drop(st);
         let p = dir.join(STATE_FILE);
         let mut b = fs::read(&p).unwrap();
