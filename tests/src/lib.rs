@@ -5,7 +5,8 @@
 //! - [`Pg`]: an initdb'd cluster on a Unix socket in that directory, stopped on drop. When
 //!   the tests run as root, every PostgreSQL server command runs as the `postgres` user.
 //! - [`Sender`], [`Receiver`]: the walship processes, with their logs in the test directory.
-//! - [`Proxy`]: a TCP proxy whose connections a test can cut.
+//! - [`Proxy`]: a TCP proxy whose connections a test can cut, or that damages what it
+//!   forwards ([`Chaos`]).
 //! - [`verify_wal`]: every stored segment, fetched with `restore-wal`, read by `pg_waldump`.
 
 use std::fs;
@@ -15,7 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -755,17 +756,112 @@ pub struct Proxy {
     pub addr: String,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
+    flips: Arc<AtomicU64>,
+    cuts: Arc<AtomicU64>,
+}
+
+/// What a chaotic proxy does to the bytes it forwards, in each direction of each
+/// connection: flip one random bit about every `flip_every` bytes, and cut the connection
+/// about every `cut_every` bytes (each distance uniform in 1..=2x). 0 turns either off.
+#[derive(Clone, Copy, Debug)]
+pub struct Chaos {
+    pub seed: u64,
+    pub flip_every: u64,
+    pub cut_every: u64,
+}
+
+/// xorshift64*: a small, seeded, reproducible generator for test damage.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A distance in 1..=2*mean, or never for 0.
+    fn distance(&mut self, mean: u64) -> u64 {
+        if mean == 0 {
+            u64::MAX
+        } else {
+            1 + self.next() % (2 * mean)
+        }
+    }
+}
+
+/// Copies `from` to `to`, damaging the bytes as `chaos` says.
+fn forward(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    chaos: Option<Chaos>,
+    stream_no: u64,
+    flips: &AtomicU64,
+    cuts: &AtomicU64,
+) {
+    let mut rng =
+        Rng(chaos.map_or(1, |c| c.seed) ^ (stream_no.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1);
+    let (flip_every, cut_every) = chaos.map_or((0, 0), |c| (c.flip_every, c.cut_every));
+    let mut to_flip = rng.distance(flip_every);
+    let mut to_cut = rng.distance(cut_every);
+    let mut buf = [0u8; 64 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        let mut n = n as u64;
+        let mut cut = false;
+        if to_cut <= n {
+            n = to_cut - 1;
+            cut = true;
+        } else {
+            to_cut -= n;
+        }
+        let mut at = 0;
+        while to_flip <= n - at {
+            at += to_flip;
+            buf[(at - 1) as usize] ^= 1 << (rng.next() % 8);
+            flips.fetch_add(1, Ordering::SeqCst);
+            to_flip = rng.distance(flip_every);
+        }
+        to_flip -= n - at;
+        if to.write_all(&buf[..n as usize]).is_err() {
+            break;
+        }
+        if cut {
+            cuts.fetch_add(1, Ordering::SeqCst);
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
 
 impl Proxy {
+    /// A proxy that forwards faithfully until [`Proxy::cut`].
     pub fn start(target: &str) -> Result<Proxy> {
+        Proxy::start_with(target, None)
+    }
+
+    /// A proxy that also damages and cuts connections as `chaos` says.
+    pub fn start_chaos(target: &str, chaos: Chaos) -> Result<Proxy> {
+        Proxy::start_with(target, Some(chaos))
+    }
+
+    fn start_with(target: &str, chaos: Option<Chaos>) -> Result<Proxy> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?.to_string();
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        let (flips, cuts) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (c2, s2, target) = (conns.clone(), stop.clone(), target.to_owned());
+        let (f2, k2) = (flips.clone(), cuts.clone());
         listener.set_nonblocking(true)?;
         std::thread::spawn(move || {
+            let mut stream_no = 0u64;
             while !s2.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((client, _)) => {
@@ -775,18 +871,11 @@ impl Proxy {
                         };
                         let mut list = c2.lock().unwrap();
                         for (from, to) in [(&client, &server), (&server, &client)] {
-                            let (mut a, mut b) =
-                                (from.try_clone().unwrap(), to.try_clone().unwrap());
-                            std::thread::spawn(move || {
-                                let mut buf = [0u8; 64 << 10];
-                                while let Ok(n) = a.read(&mut buf) {
-                                    if n == 0 || b.write_all(&buf[..n]).is_err() {
-                                        break;
-                                    }
-                                }
-                                let _ = b.shutdown(Shutdown::Both);
-                                let _ = a.shutdown(Shutdown::Both);
-                            });
+                            let (a, b) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                            let (f, k) = (f2.clone(), k2.clone());
+                            stream_no += 1;
+                            let no = stream_no;
+                            std::thread::spawn(move || forward(a, b, chaos, no, &f, &k));
                         }
                         list.push(client);
                         list.push(server);
@@ -795,7 +884,23 @@ impl Proxy {
                 }
             }
         });
-        Ok(Proxy { addr, conns, stop })
+        Ok(Proxy {
+            addr,
+            conns,
+            stop,
+            flips,
+            cuts,
+        })
+    }
+
+    /// Bits flipped so far.
+    pub fn flips(&self) -> u64 {
+        self.flips.load(Ordering::SeqCst)
+    }
+
+    /// Connections cut by chaos so far.
+    pub fn cuts(&self) -> u64 {
+        self.cuts.load(Ordering::SeqCst)
     }
 
     /// Cuts every connection through the proxy; new ones are accepted again.
@@ -873,4 +978,51 @@ impl Ca {
         fs::set_permissions(&k, fs::Permissions::from_mode(0o644))?;
         Ok((c, k))
     }
+}
+
+/// Compares every complete segment the store holds from `from` up to the segment of `upto`
+/// (exclusive) with the primary's own copy in `pg_wal`, byte for byte. Returns how many
+/// segments were compared; segments the primary has already removed are skipped.
+pub fn compare_with_primary(
+    wal_dir: &Path,
+    pg: &Pg,
+    from: Lsn,
+    upto: Lsn,
+    scratch: &Path,
+) -> Result<usize> {
+    let st = status_json(wal_dir)?;
+    let seg = WalSegSize::new(
+        st["segment_size"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("segment_size"))?,
+    )
+    .ok_or_else(|| anyhow!("segment size"))?;
+    let timeline = TimelineId(st["timeline"].as_u64().ok_or_else(|| anyhow!("timeline"))? as u32);
+    fs::create_dir_all(scratch)?;
+    let mut compared = 0;
+    for segno in seg.segment_of(from).0..seg.segment_of(upto).0 {
+        let name = WalFileName::Segment {
+            timeline,
+            segno: SegmentNo(segno),
+        }
+        .to_name(seg);
+        let Ok(theirs) = fs::read(pg.data.join("pg_wal").join(&name)) else {
+            continue;
+        };
+        let dest = scratch.join(&name);
+        let mut c = Command::new(bin("wal-receiver"));
+        c.args(["restore-wal", "--wal-dir"])
+            .arg(wal_dir)
+            .arg(&name)
+            .arg(&dest);
+        run(c).with_context(|| format!("restore-wal {name}"))?;
+        let ours = fs::read(&dest)?;
+        if ours != theirs {
+            let at = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+            bail!("segment {name} differs from the primary's (first difference at byte {at:?})");
+        }
+        fs::remove_file(&dest)?;
+        compared += 1;
+    }
+    Ok(compared)
 }

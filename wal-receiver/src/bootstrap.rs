@@ -32,7 +32,7 @@ use walship_common::protocol::{
 use walship_common::{Lsn, WalFileName};
 
 use crate::follow::{self, check_same_cluster, sender_error, Connection, FollowConfig};
-use crate::paths::Target;
+use crate::paths::{Target, UnsafePath};
 use crate::store::read_state;
 use crate::{exit, Fatal};
 
@@ -93,6 +93,14 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
         match snapshot(&cfg, &pgdata, &wal_dir, resumed).await {
             Ok(snap) => break snap,
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
+            // A correct sender never sends an unsafe name: retrying cannot help.
+            Err(e) if e.chain().any(|c| c.is::<UnsafePath>()) => {
+                return Err(Fatal {
+                    code: exit::PROTOCOL,
+                    message: format!("{e:#}; nothing was written outside the target"),
+                }
+                .into())
+            }
             Err(e) if attempt >= MAX_ATTEMPTS => {
                 return Err(e.context(format!(
                     "snapshot failed {attempt} times; run the bootstrap again to resume"
@@ -613,6 +621,24 @@ fn tablespace_dir(
             "tablespace {oid} would go to {}, which is not an absolute path",
             dir.display()
         );
+    }
+    // The location comes from the sender: it must be a plain absolute path.
+    let text = dir.to_string_lossy();
+    if text.contains('\0')
+        || dir.components().any(|c| {
+            matches!(
+                c,
+                std::path::Component::ParentDir | std::path::Component::CurDir
+            )
+        })
+        || text.contains("/./")
+        || text.ends_with("/.")
+    {
+        return Err(UnsafePath {
+            name: location.display().to_string(),
+            why: "is a tablespace location with '.' or '..' components or NUL",
+        }
+        .into());
     }
     let link = pgdata.join("pg_tblspc").join(oid.to_string());
     let ours = fs::read_link(&link).map(|t| t == dir).unwrap_or(false);

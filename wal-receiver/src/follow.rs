@@ -83,11 +83,13 @@ pub fn store_fatal(e: StoreError) -> anyhow::Error {
         StoreError::CorruptState { .. } | StoreError::Inconsistent { .. } => exit::STORE_CORRUPT,
         StoreError::Seal(_) | StoreError::Durable(_) => exit::DISK,
     };
-    Fatal {
-        code,
-        message: e.to_string(),
+    let mut message = e.to_string();
+    if message.contains(&format!("os error {}", nix::libc::ENOSPC)) {
+        message.push_str(
+            ". The store's file system is full; nothing unsynced was acknowledged. Free space, then start wal-receiver again: it resumes at its persisted position",
+        );
     }
-    .into()
+    Fatal { code, message }.into()
 }
 
 /// Follows the sender until a signal or a fatal error.

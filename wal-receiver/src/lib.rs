@@ -39,6 +39,9 @@ pub mod exit {
     /// TLS or identity refused: a certificate was rejected by either side, one side does
     /// not speak TLS, or the receiver's certificate does not carry its name.
     pub const AUTH: u8 = 9;
+    /// The sender sent something no correct sender sends, such as an unsafe file name in a
+    /// snapshot. Nothing was written outside the target.
+    pub const PROTOCOL: u8 = 10;
 }
 
 /// An error that ends the process with a specific exit code instead of a retry.
