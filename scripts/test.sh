@@ -42,4 +42,4 @@ cargo clippy --release --all-targets -- -D warnings
 say "cargo build"
 cargo build --release --all-targets
 say "tests"
-RUST_BACKTRACE=0 cargo test --release --workspace -- --test-threads="${WALSHIP_TEST_THREADS:-2}"
+PROPTEST_CASES="${PROPTEST_CASES:-256}" RUST_BACKTRACE=0 cargo test --release --workspace -- --test-threads="${WALSHIP_TEST_THREADS:-2}"

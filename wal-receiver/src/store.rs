@@ -40,7 +40,7 @@ const STATE_VERSION: u32 = 1;
 /// The state file is one 512-byte sector, rewritten in place, like PostgreSQL's pg_control:
 /// a single-sector write cannot be torn, so one fdatasync per flush suffices (a temp file,
 /// rename and directory fsync per flush tripled the cost of every acknowledgement).
-const STATE_LEN: usize = 512;
+pub const STATE_LEN: usize = 512;
 /// Bytes of the state record that carry data; the rest of the sector is zero.
 const STATE_RECORD_LEN: usize = 64;
 

@@ -1,0 +1,200 @@
+//! Property tests (a fuzzing pass) for what walship reads from the network: the frame
+//! decoder and the handshake and protocol messages.
+//!
+//! `scripts/test.sh` runs the default number of cases; `scripts/fuzz.sh` sets
+//! `PROPTEST_CASES` much higher.
+
+use proptest::prelude::*;
+use walship_common::frame::{FrameDecoder, FrameEncoder, HEADER_LEN, MAX_RAW_LEN};
+use walship_common::protocol::{ErrorCode, Message, Mode, CHUNK_LEN, PROTOCOL_VERSION};
+use walship_common::Lsn;
+
+fn encode_all(msgs: &[Message]) -> Vec<u8> {
+    let mut enc = FrameEncoder::new(1).unwrap();
+    let mut out = Vec::new();
+    for m in msgs {
+        m.encode(&mut enc, &mut out).unwrap();
+    }
+    out
+}
+
+/// Decodes a stream of frames, as a receiver or sender would, until the first error.
+fn decode_stream(bytes: &[u8]) -> (Vec<Message>, bool) {
+    let mut dec = FrameDecoder::new().unwrap();
+    let mut rest = bytes;
+    let mut msgs = Vec::new();
+    while !rest.is_empty() {
+        let Ok(frame) = dec.decode_buf(rest) else {
+            return (msgs, false);
+        };
+        // Decompression never produces more than the frame may carry.
+        assert!(frame.payload.len() <= MAX_RAW_LEN as usize);
+        rest = &rest[frame.wire_bytes as usize..];
+        match Message::decode(&frame) {
+            Ok(m) => msgs.push(m),
+            Err(_) => return (msgs, false),
+        }
+    }
+    (msgs, true)
+}
+
+fn lsn() -> impl Strategy<Value = Lsn> {
+    any::<u64>().prop_map(Lsn)
+}
+
+fn text() -> impl Strategy<Value = String> {
+    proptest::string::string_regex("[ -~]{0,80}").unwrap()
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (any::<u16>(), "[a-z0-9_]{1,20}", any::<bool>()).prop_map(|(version, name, b)| {
+            Message::Hello {
+                version,
+                name,
+                mode: if b { Mode::Bootstrap } else { Mode::Follow },
+            }
+        }),
+        (any::<u64>(), any::<u32>(), any::<u32>(), lsn(), text()).prop_map(
+            |(system_id, timeline, seg_size, flush_lsn, server_version)| Message::ServerInfo {
+                version: PROTOCOL_VERSION,
+                system_id,
+                timeline,
+                seg_size,
+                flush_lsn,
+                server_version,
+            }
+        ),
+        (lsn(), any::<u32>()).prop_map(|(start_lsn, timeline)| Message::StartStream {
+            start_lsn,
+            timeline
+        }),
+        (
+            lsn(),
+            lsn(),
+            proptest::collection::vec(any::<u8>(), 0..4096)
+        )
+            .prop_map(|(start_lsn, server_flush_lsn, data)| Message::WalData {
+                start_lsn,
+                server_flush_lsn,
+                data,
+            }),
+        lsn().prop_map(|server_flush_lsn| Message::Keepalive { server_flush_lsn }),
+        // The decoder refuses an acknowledgement whose flush is past its write.
+        (lsn(), lsn()).prop_map(|(a, b)| Message::Ack {
+            write_lsn: a.max(b),
+            flush_lsn: a.min(b),
+        }),
+        (1u16..=6, text()).prop_map(|(c, message)| Message::Error {
+            code: ErrorCode::from_u16(c),
+            message
+        }),
+        (text(), proptest::collection::vec(any::<u64>(), 0..64))
+            .prop_map(|(path, sums)| Message::Have { path, sums }),
+        Just(Message::StartBackup),
+        (
+            lsn(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec((any::<u32>(), text()), 0..4)
+        )
+            .prop_map(
+                |(start_lsn, timeline, total_bytes, file_count, tablespaces)| {
+                    Message::BackupStart {
+                        start_lsn,
+                        timeline,
+                        total_bytes,
+                        file_count,
+                        tablespaces,
+                    }
+                }
+            ),
+        (text(), any::<u32>()).prop_map(|(path, mode)| Message::Dir { path, mode }),
+        (text(), any::<u64>(), any::<u32>()).prop_map(|(path, size, mode)| Message::FileBegin {
+            path,
+            size,
+            mode
+        }),
+        (
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..4096)
+        )
+            .prop_map(|(offset, data)| Message::FileData { offset, data }),
+        (any::<u64>(), 0..=CHUNK_LEN as u32)
+            .prop_map(|(offset, len)| Message::FileSame { offset, len }),
+        (any::<u64>(), any::<u32>()).prop_map(|(size, crc32c)| Message::FileEnd { size, crc32c }),
+        (lsn(), text(), text()).prop_map(|(stop_lsn, backup_label, tablespace_map)| {
+            Message::BackupEnd {
+                stop_lsn,
+                backup_label,
+                tablespace_map,
+            }
+        }),
+    ]
+}
+
+proptest! {
+    /// Every message survives the wire unchanged, alone and in a stream that shares one
+    /// compression context.
+    #[test]
+    fn messages_round_trip(msgs in proptest::collection::vec(message(), 1..8)) {
+        let bytes = encode_all(&msgs);
+        let (got, ok) = decode_stream(&bytes);
+        prop_assert!(ok);
+        prop_assert_eq!(got, msgs);
+    }
+
+    /// Arbitrary bytes never panic the decoder and never yield a message.
+    #[test]
+    fn garbage_is_refused_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let (msgs, _) = decode_stream(&bytes);
+        // Without the magic and both checksums, garbage cannot pass as a frame.
+        prop_assert!(msgs.is_empty() || bytes.starts_with(b"WS"));
+    }
+
+    /// A damaged stream never yields a message that was not sent: either an error comes
+    /// first, or what was decoded is a prefix of what was sent.
+    #[test]
+    fn damage_never_yields_a_wrong_message(
+        msgs in proptest::collection::vec(message(), 1..6),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), 0u8..8), 1..4),
+    ) {
+        let mut bytes = encode_all(&msgs);
+        for (at, bit) in &flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+        }
+        let (got, ok) = decode_stream(&bytes);
+        prop_assert!(!ok || got == msgs, "damage went unnoticed");
+        prop_assert!(got.len() <= msgs.len());
+        prop_assert_eq!(&got[..], &msgs[..got.len()]);
+    }
+
+    /// Truncation anywhere is noticed: the decoded messages are a strict prefix.
+    #[test]
+    fn truncation_is_noticed(msgs in proptest::collection::vec(message(), 1..6), cut in any::<prop::sample::Index>()) {
+        let bytes = encode_all(&msgs);
+        let len = cut.index(bytes.len());
+        let (got, ok) = decode_stream(&bytes[..len]);
+        prop_assert!(got.len() < msgs.len());
+        prop_assert_eq!(&got[..], &msgs[..got.len()]);
+        // Only a cut exactly between frames decodes cleanly.
+        prop_assert!(!ok || encode_all(&msgs[..got.len()]).len() == len);
+    }
+
+    /// A frame header with any lengths is refused or accepted before the body is read,
+    /// and a refused one never makes the decoder allocate what it announces.
+    #[test]
+    fn any_header_is_handled(header in proptest::array::uniform20(any::<u8>()), body in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let mut bytes = header.to_vec();
+        bytes[0..2].copy_from_slice(b"WS");
+        bytes.extend_from_slice(&body);
+        let mut dec = FrameDecoder::new().unwrap();
+        if let Ok(frame) = dec.decode_buf(&bytes) {
+            prop_assert!(frame.wire_bytes as usize <= bytes.len());
+            prop_assert!(frame.wire_bytes as usize >= HEADER_LEN);
+            prop_assert!(frame.payload.len() <= MAX_RAW_LEN as usize);
+        }
+    }
+}
