@@ -37,6 +37,11 @@ Options:
                               'command -v wal-receiver', else $REPO/target/release)
   --pg-bin DIR                PostgreSQL 15 binaries (default: /usr/lib/postgresql/15/bin)
   --db-user USER              role used to check the standby with psql (default: postgres)
+  --tls-ca FILE               TLS to the sender: the CA that signs its certificate
+  --tls-cert FILE             this receiver's certificate, for a sender that requires client
+                              certificates (must carry NAME); with --tls-key FILE
+  --tls-key FILE              the key of --tls-cert
+  --tls-server-name NAME      the name the sender's certificate carries, if not its host
   --timeout SECONDS           how long to wait for the standby to accept queries (default: 300)
   -h, --help                  show this help
 
@@ -63,6 +68,7 @@ SENDER="" NAME="" PGDATA_DIR="" PORT="" WAL_DIR="" SOCKET_DIR="" BIN="" DB_USER=
 PG_BIN=/usr/lib/postgresql/15/bin
 TIMEOUT=300
 MAPPINGS=()
+TLS_ARGS=()
 
 need_value() { if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see --help)"; fi; }
 while [ $# -gt 0 ]; do
@@ -79,6 +85,7 @@ while [ $# -gt 0 ]; do
         --pg-bin) need_value "$@"; PG_BIN=$2; shift 2 ;;
         --db-user) need_value "$@"; DB_USER=$2; shift 2 ;;
         --timeout) need_value "$@"; TIMEOUT=$2; shift 2 ;;
+        --tls-ca|--tls-cert|--tls-key|--tls-server-name) need_value "$@"; TLS_ARGS+=("$1" "$2"); shift 2 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -197,6 +204,7 @@ fi
 # --- 1. bootstrap --------------------------------------------------------------------------
 BOOT_ARGS=(bootstrap --sender "$SENDER" --name "$NAME" --pgdata "$PGDATA_DIR" --wal-dir "$WAL_DIR")
 for m in "${MAPPINGS[@]+"${MAPPINGS[@]}"}"; do BOOT_ARGS+=(--tablespace-mapping "$m"); done
+BOOT_ARGS+=("${TLS_ARGS[@]+"${TLS_ARGS[@]}"}")
 
 if $RESUME; then
     say "resuming the unfinished bootstrap in $PGDATA_DIR from $SENDER as receiver '$NAME' (WAL store $WAL_DIR)"
@@ -213,6 +221,8 @@ if [ "$rc" != 0 ]; then
         6) hint="another wal-receiver holds $WAL_DIR" ;;
         7) hint="a write or fsync failed: check the disk" ;;
         8) hint="$PGDATA_DIR or a tablespace directory is not empty (use --tablespace-mapping for tablespaces)" ;;
+        9) hint="TLS or identity refused (see the message above: certificate, CA, host name or receiver name)" ;;
+        10) hint="the sender sent an unsafe file name; nothing was written outside the target" ;;
         2) hint="bad command line" ;;
         *) hint="see the messages above" ;;
     esac
@@ -235,10 +245,12 @@ say "starting wal-receiver follow in the background (log $FOLLOW_LOG)"
 if $IS_ROOT; then
     nohup runuser -u postgres -- sh -c 'echo $$ >&3; exec 3>&-; exec "$@"' sh \
         "$RECEIVER" follow --sender "$SENDER" --name "$NAME" --wal-dir "$WAL_DIR" \
+        "${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" \
         3>"$FOLLOW_PID" >>"$FOLLOW_LOG" 2>&1 </dev/null &
 else
     nohup sh -c 'echo $$ >&3; exec 3>&-; exec "$@"' sh \
         "$RECEIVER" follow --sender "$SENDER" --name "$NAME" --wal-dir "$WAL_DIR" \
+        "${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" \
         3>"$FOLLOW_PID" >>"$FOLLOW_LOG" 2>&1 </dev/null &
 fi
 for _ in $(seq 50); do [ -s "$FOLLOW_PID" ] && break; sleep 0.1; done
