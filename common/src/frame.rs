@@ -343,10 +343,19 @@ impl FrameDecoder {
     }
 }
 
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+///
+/// TLS reports a peer that closed without `close_notify` as `UnexpectedEof`. That is an end
+/// of stream like any other here: frames delimit themselves, so a cut inside a frame is
+/// still caught as truncation by the caller, and a cut between frames is a plain close.
 async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
-        let n = r.read(&mut buf[got..]).await?;
+        let n = match r.read(&mut buf[got..]).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             break;
         }
