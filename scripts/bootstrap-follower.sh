@@ -331,5 +331,5 @@ To stop it:
   ${AS_PG}$PG_BIN/pg_ctl -D $PGDATA_DIR stop
   kill \$(cat $FOLLOW_PID)        # SIGTERM: wal-receiver flushes and exits
 To start the receiver again (it resumes where it stopped):
-  nohup ${AS_PG}$RECEIVER follow --sender $SENDER --name $NAME --wal-dir $WAL_DIR >>$FOLLOW_LOG 2>&1 &
+  nohup ${AS_PG}$RECEIVER follow --sender $SENDER --name $NAME --wal-dir $WAL_DIR${TLS_ARGS[*]+ ${TLS_ARGS[*]}} >>$FOLLOW_LOG 2>&1 &
 EOF

@@ -120,6 +120,7 @@ pub fn server_config(
     client_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let certs = load_certs("certificate", cert)?;
+    let key_path = key;
     let key = load_key(key)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -136,9 +137,13 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let cfg = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Setup(format!("certificate and key do not fit together: {e}")))?;
+    let cfg = builder.with_single_cert(certs, key).map_err(|e| {
+        TlsError::Setup(format!(
+            "cannot use certificate {} with key {}: {e} (X.509 v3 certificates are required)",
+            cert.display(),
+            key_path.display()
+        ))
+    })?;
     Ok(Arc::new(cfg))
 }
 
@@ -156,7 +161,11 @@ pub fn client_config(
         Some((cert, key)) => builder
             .with_client_auth_cert(load_certs("certificate", cert)?, load_key(key)?)
             .map_err(|e| {
-                TlsError::Setup(format!("certificate and key do not fit together: {e}"))
+                TlsError::Setup(format!(
+                    "cannot use certificate {} with key {}: {e} (X.509 v3 certificates are required)",
+                    cert.display(),
+                    key.display()
+                ))
             })?,
         None => builder.with_no_client_auth(),
     };
