@@ -37,6 +37,10 @@ Options:
                               'command -v wal-receiver', else $REPO/target/release)
   --pg-bin DIR                PostgreSQL 15 binaries (default: /usr/lib/postgresql/15/bin)
   --db-user USER              role used to check the standby with psql (default: postgres)
+  --standby-feed HOW          stream (default): the standby streams from 'follow
+                              --serve-standby' on a socket in the WAL store, with
+                              restore_command as the fallback; restore-command: only
+                              restore_command
   --tls-ca FILE               TLS to the sender: the CA that signs its certificate
   --tls-cert FILE             this receiver's certificate, for a sender that requires client
                               certificates (must carry NAME); with --tls-key FILE
@@ -69,6 +73,7 @@ PG_BIN=/usr/lib/postgresql/15/bin
 TIMEOUT=300
 MAPPINGS=()
 TLS_ARGS=()
+FEED=stream
 
 need_value() { if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see --help)"; fi; }
 while [ $# -gt 0 ]; do
@@ -86,6 +91,7 @@ while [ $# -gt 0 ]; do
         --db-user) need_value "$@"; DB_USER=$2; shift 2 ;;
         --timeout) need_value "$@"; TIMEOUT=$2; shift 2 ;;
         --tls-ca|--tls-cert|--tls-key|--tls-server-name) need_value "$@"; TLS_ARGS+=("$1" "$2"); shift 2 ;;
+        --standby-feed) need_value "$@"; FEED=$2; shift 2 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
@@ -96,6 +102,7 @@ done
 [ -n "$PGDATA_DIR" ] || die "--pgdata DIR is required (see --help)"
 [ -n "$PORT" ] || die "--port PORT is required (see --help)"
 [[ $SENDER == *:* ]] || die "--sender must be HOST:PORT, got '$SENDER'"
+[[ $FEED == stream || $FEED == restore-command ]] || die "--standby-feed must be stream or restore-command, got '$FEED'"
 [[ $NAME =~ ^[a-z0-9_]{1,55}$ ]] || die "--name must be 1 to 55 characters of [a-z0-9_], got '$NAME'"
 if ! [[ $PORT =~ ^[0-9]{1,5}$ ]] || [ "$PORT" -lt 1 ] || [ "$PORT" -gt 65535 ]; then
     die "--port must be a number from 1 to 65535, got '$PORT'"
@@ -204,7 +211,11 @@ fi
 # --- 1. bootstrap --------------------------------------------------------------------------
 BOOT_ARGS=(bootstrap --sender "$SENDER" --name "$NAME" --pgdata "$PGDATA_DIR" --wal-dir "$WAL_DIR")
 for m in "${MAPPINGS[@]+"${MAPPINGS[@]}"}"; do BOOT_ARGS+=(--tablespace-mapping "$m"); done
-BOOT_ARGS+=("${TLS_ARGS[@]+"${TLS_ARGS[@]}"}")
+BOOT_ARGS+=("${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" --standby-feed "$FEED")
+# With the streaming feed, follow serves the standby on a socket in the WAL store, which is
+# where bootstrap points primary_conninfo by default.
+SERVE_ARGS=()
+[ "$FEED" != stream ] || SERVE_ARGS=(--serve-standby "$WAL_DIR")
 
 if $RESUME; then
     say "resuming the unfinished bootstrap in $PGDATA_DIR from $SENDER as receiver '$NAME' (WAL store $WAL_DIR)"
@@ -245,12 +256,12 @@ say "starting wal-receiver follow in the background (log $FOLLOW_LOG)"
 if $IS_ROOT; then
     nohup runuser -u postgres -- sh -c 'echo $$ >&3; exec 3>&-; exec "$@"' sh \
         "$RECEIVER" follow --sender "$SENDER" --name "$NAME" --wal-dir "$WAL_DIR" \
-        "${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" \
+        "${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" "${SERVE_ARGS[@]+"${SERVE_ARGS[@]}"}" \
         3>"$FOLLOW_PID" >>"$FOLLOW_LOG" 2>&1 </dev/null &
 else
     nohup sh -c 'echo $$ >&3; exec 3>&-; exec "$@"' sh \
         "$RECEIVER" follow --sender "$SENDER" --name "$NAME" --wal-dir "$WAL_DIR" \
-        "${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" \
+        "${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" "${SERVE_ARGS[@]+"${SERVE_ARGS[@]}"}" \
         3>"$FOLLOW_PID" >>"$FOLLOW_LOG" 2>&1 </dev/null &
 fi
 for _ in $(seq 50); do [ -s "$FOLLOW_PID" ] && break; sleep 0.1; done
@@ -317,6 +328,17 @@ while :; do
     sleep 1
 done
 
+feed="restore_command from $WAL_DIR"
+if [ "$FEED" = stream ]; then
+    feed="restore_command (not streaming yet: see $FOLLOW_LOG)"
+    for _ in $(seq 20); do
+        st=$(as_pg "$PG_BIN/psql" -XAtqw -h "$host" -p "$PORT" -U "$DB_USER" -d postgres \
+            -c "SELECT status FROM pg_stat_wal_receiver" 2>/dev/null || true)
+        if [ "$st" = streaming ]; then feed="streaming from wal-receiver ($WAL_DIR/.s.PGSQL.5432)"; break; fi
+        sleep 0.5
+    done
+fi
+
 cat <<EOF
 ==> the standby is up and in recovery
 
@@ -326,10 +348,11 @@ cat <<EOF
   wal-receiver follow:   pid $FPID (in $FOLLOW_PID), receiver '$NAME' of $SENDER
                          log $FOLLOW_LOG
   WAL store:             $WAL_DIR   ($RECEIVER status --wal-dir $WAL_DIR)
+  WAL feed:              $feed
 
 To stop it:
   ${AS_PG}$PG_BIN/pg_ctl -D $PGDATA_DIR stop
   kill \$(cat $FOLLOW_PID)        # SIGTERM: wal-receiver flushes and exits
 To start the receiver again (it resumes where it stopped):
-  nohup ${AS_PG}$RECEIVER follow --sender $SENDER --name $NAME --wal-dir $WAL_DIR${TLS_ARGS[*]+ ${TLS_ARGS[*]}} >>$FOLLOW_LOG 2>&1 &
+  nohup ${AS_PG}$RECEIVER follow --sender $SENDER --name $NAME --wal-dir $WAL_DIR${TLS_ARGS[*]+ ${TLS_ARGS[*]}}${SERVE_ARGS[*]+ ${SERVE_ARGS[*]}} >>$FOLLOW_LOG 2>&1 &
 EOF

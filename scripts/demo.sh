@@ -213,12 +213,13 @@ as_pg "$BIN/wal-receiver" bootstrap --sender "$SENDER_ADDR" --name "$NAME" --pgd
 info "done in $((SECONDS - t0))s: $(du -sh "$STANDBY" | cut -f1) of data directory"
 grep -o "snapshot received.*" "$WORK/bootstrap.log" | sed 's/^/    bootstrap log: /' || true
 info "the standby's recovery settings:"
-grep -hE "^[[:space:]]*(restore_command|recovery_target|wal_retrieve_retry_interval)" \
+grep -hE "^[[:space:]]*(primary_conninfo|restore_command|recovery_target|wal_retrieve_retry_interval)" \
     "$STANDBY/postgresql.conf" "$STANDBY/postgresql.auto.conf" 2>/dev/null | sed 's/^/      /' || true
 [ -f "$STANDBY/standby.signal" ] || die "bootstrap left no standby.signal in $STANDBY"
 
-say "starting wal-receiver follow --sender $SENDER_ADDR --name $NAME --wal-dir $WAL"
-spawn FOLLOW_PID "$WORK/follow.log" pg "$BIN/wal-receiver" follow --sender "$SENDER_ADDR" --name "$NAME" --wal-dir "$WAL"
+say "starting wal-receiver follow --sender $SENDER_ADDR --name $NAME --wal-dir $WAL --serve-standby $WAL"
+info "(--serve-standby: the standby streams from the receiver over PostgreSQL's replication protocol)"
+spawn FOLLOW_PID "$WORK/follow.log" pg "$BIN/wal-receiver" follow --sender "$SENDER_ADDR" --name "$NAME" --wal-dir "$WAL" --serve-standby "$WAL"
 
 say "starting the standby on port $STANDBY_PORT (socket $SSOCK); waiting for read-only queries"
 as_pg touch "$WORK/standby.log"
@@ -228,6 +229,9 @@ as_pg "$PG_BIN/pg_ctl" -D "$STANDBY" -l "$WORK/standby.log" -W start \
 wait_for 180 "the standby accepting read-only queries" standby_ready
 info "the standby answers after $((SECONDS - STANDBY_STARTED))s: pg_is_in_recovery() = $(psql_s "SELECT pg_is_in_recovery()"), $(psql_s "SELECT count(*) FROM pgbench_history") transactions visible"
 check_running
+streaming() { [ "$(psql_s "SELECT status FROM pg_stat_wal_receiver" 2>/dev/null)" = streaming ]; }
+wait_for 60 "the standby streaming from the receiver" streaming
+info "the standby's WAL receiver: $(psql_s "SELECT status || ' from ' || sender_host FROM pg_stat_wal_receiver")"
 header; row
 
 # --- 5. kill the receiver ---------------------------------------------------------------------------
@@ -243,7 +247,7 @@ for _ in 1 2 3 4; do
 done
 say "restarting wal-receiver follow: it resumes at its store's flush position"
 old_lines=$(wc -l < "$WORK/follow.log")
-spawn FOLLOW_PID "$WORK/follow.log" pg "$BIN/wal-receiver" follow --sender "$SENDER_ADDR" --name "$NAME" --wal-dir "$WAL"
+spawn FOLLOW_PID "$WORK/follow.log" pg "$BIN/wal-receiver" follow --sender "$SENDER_ADDR" --name "$NAME" --wal-dir "$WAL" --serve-standby "$WAL"
 sleep 1
 resumed=$(tail -n +$((old_lines + 1)) "$WORK/follow.log" | grep -o "requesting WAL start_lsn=[0-9A-F/]*" | tail -n 1 || true)
 [ -z "$resumed" ] || info "wal-receiver log: $resumed"

@@ -61,6 +61,7 @@ pub enum Kind {
     FileSame = 14,
     FileEnd = 15,
     BackupEnd = 16,
+    StandbyFeedback = 17,
 }
 
 impl Kind {
@@ -83,6 +84,7 @@ impl Kind {
             14 => FileSame,
             15 => FileEnd,
             16 => BackupEnd,
+            17 => StandbyFeedback,
             _ => return None,
         })
     }
@@ -215,6 +217,15 @@ pub enum Message {
         backup_label: String,
         tablespace_map: String,
     },
+    /// What the standby a receiver feeds reports: its replay position, and its hot-standby
+    /// feedback (xmin 0 means none, as in PostgreSQL).
+    StandbyFeedback {
+        apply_lsn: Lsn,
+        xmin: u32,
+        xmin_epoch: u32,
+        catalog_xmin: u32,
+        catalog_xmin_epoch: u32,
+    },
 }
 
 /// Why a frame's payload is not a valid message.
@@ -254,6 +265,7 @@ impl Message {
             Message::WalData { .. } => Kind::WalData,
             Message::Keepalive { .. } => Kind::Keepalive,
             Message::Ack { .. } => Kind::Ack,
+            Message::StandbyFeedback { .. } => Kind::StandbyFeedback,
             Message::Error { .. } => Kind::Error,
             Message::Have { .. } => Kind::Have,
             Message::StartBackup => Kind::StartBackup,
@@ -322,6 +334,18 @@ impl Message {
             } => {
                 p.extend_from_slice(&write_lsn.0.to_le_bytes());
                 p.extend_from_slice(&flush_lsn.0.to_le_bytes());
+            }
+            Message::StandbyFeedback {
+                apply_lsn,
+                xmin,
+                xmin_epoch,
+                catalog_xmin,
+                catalog_xmin_epoch,
+            } => {
+                p.extend_from_slice(&apply_lsn.0.to_le_bytes());
+                for v in [xmin, xmin_epoch, catalog_xmin, catalog_xmin_epoch] {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
             }
             Message::Error { code, message } => {
                 p.extend_from_slice(&(*code as u16).to_le_bytes());
@@ -454,6 +478,13 @@ impl Message {
                     flush_lsn,
                 }
             }
+            Kind::StandbyFeedback => Message::StandbyFeedback {
+                apply_lsn: Lsn(r.u64()?),
+                xmin: r.u32()?,
+                xmin_epoch: r.u32()?,
+                catalog_xmin: r.u32()?,
+                catalog_xmin_epoch: r.u32()?,
+            },
             Kind::Error => Message::Error {
                 code: ErrorCode::from_u16(r.u16()?),
                 message: r.str()?,
@@ -643,6 +674,13 @@ mod tests {
             Message::Ack {
                 write_lsn: Lsn(9),
                 flush_lsn: Lsn(8),
+            },
+            Message::StandbyFeedback {
+                apply_lsn: Lsn(0x23004A50),
+                xmin: 1240,
+                xmin_epoch: 0,
+                catalog_xmin: 0,
+                catalog_xmin_epoch: 0,
             },
             Message::Error {
                 code: ErrorCode::WalGone,

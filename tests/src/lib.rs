@@ -287,6 +287,36 @@ impl Pg {
             .map(|_| ())
     }
 
+    /// `pg_ctl stop -m fast`.
+    pub fn stop(&mut self) -> Result<()> {
+        self.ctl(&["stop", "-m", "fast", "-w", "-t", "120"])?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Starts a stopped server again with the same settings as before.
+    pub fn start(&mut self) -> Result<()> {
+        let opts = format!(
+            "-c unix_socket_directories='{}' -c port={} -c listen_addresses=''",
+            self.sock.display(),
+            self.port
+        );
+        self.ctl(&["start", "-w", "-t", "180", "-o", &opts])?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// `psql` on this server with stdin open, for a session a test keeps open.
+    pub fn psql_session(&self) -> Result<Child> {
+        let mut c = Command::new(pg_tool("psql"));
+        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(self.conninfo())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c.spawn().context("spawn psql")
+    }
+
     /// libpq keyword/value connection string.
     pub fn conninfo(&self) -> String {
         format!(
@@ -530,6 +560,9 @@ pub struct Receiver {
     pub sender: String,
     /// Extra `follow` arguments (TLS files, for example).
     pub extra: Vec<String>,
+    /// Run as the `postgres` OS user when the tests run as root (needed when a standby
+    /// reads the store or connects to the receiver's socket).
+    pub as_postgres: bool,
 }
 
 impl Receiver {
@@ -544,6 +577,7 @@ impl Receiver {
             name: name.to_owned(),
             sender: sender.to_owned(),
             extra: Vec::new(),
+            as_postgres: false,
         }
     }
 
@@ -567,6 +601,9 @@ impl Receiver {
         ])
         .arg(&self.wal_dir)
         .args(&self.extra);
+        if self.as_postgres {
+            c = as_postgres(c);
+        }
         self.proc = Proc::spawn(c, self.proc.log.clone())?;
         Ok(())
     }

@@ -60,6 +60,9 @@ pub struct BootstrapConfig {
     pub restore_bin: PathBuf,
     /// TLS to the sender; `None` is plaintext.
     pub tls: Option<follow::TlsClient>,
+    /// Where `follow --serve-standby` will serve the standby: written as its
+    /// `primary_conninfo`. `None` feeds it through `restore_command` only.
+    pub serve: Option<crate::serve::ServeAddr>,
 }
 
 /// What the snapshot said about itself.
@@ -135,6 +138,7 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
         start_lsn: Some(snap.start_lsn),
         until: Some(snap.stop_lsn),
         tls: cfg.tls.clone(),
+        serve: None,
     })
     .await?;
     let flush_lsn = read_state(&wal_dir)
@@ -144,11 +148,16 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
     if flush_lsn < snap.stop_lsn {
         bail!("interrupted before WAL through {} was stored (the store holds WAL up to {flush_lsn}); run the bootstrap again to finish", snap.stop_lsn);
     }
-    finish(&pgdata, &wal_dir, &snap, &cfg.restore_bin)?;
+    let stream_from = cfg.serve.as_ref().map(|a| (a, cfg.name.as_str()));
+    finish(&pgdata, &wal_dir, &snap, &cfg.restore_bin, stream_from)?;
     info!(
         pgdata = %pgdata.display(), stop_lsn = %snap.stop_lsn, skipped_bytes = snap.skipped,
         seconds = started.elapsed().as_secs_f64(),
-        "bootstrap complete: start the standby with pg_ctl, and keep 'wal-receiver follow' running on the same --wal-dir"
+        "bootstrap complete: start the standby with pg_ctl, and keep 'wal-receiver follow' running on the same --wal-dir{}",
+        match &cfg.serve {
+            Some(a) => format!(" with --serve-standby: the standby streams from {a}"),
+            None => String::new(),
+        }
     );
     Ok(())
 }
@@ -727,7 +736,13 @@ fn check_store_covers(wal_dir: &Path, start_lsn: Lsn) -> Result<()> {
 }
 
 /// Writes the labels and recovery settings, then publishes `pg_control`.
-fn finish(pgdata: &Path, wal_dir: &Path, snap: &Snapshot, restore_bin: &Path) -> Result<()> {
+fn finish(
+    pgdata: &Path,
+    wal_dir: &Path,
+    snap: &Snapshot,
+    restore_bin: &Path,
+    stream_from: Option<(&crate::serve::ServeAddr, &str)>,
+) -> Result<()> {
     durable::write_atomic(&pgdata.join("backup_label"), snap.backup_label.as_bytes())?;
     if !snap.tablespace_map.trim().is_empty() {
         let mut map = String::new();
@@ -768,10 +783,36 @@ fn finish(pgdata: &Path, wal_dir: &Path, snap: &Snapshot, restore_bin: &Path) ->
     conf.push_str(&format!(
         "wal_retrieve_retry_interval = '{RETRY_INTERVAL}'\n"
     ));
+    if let Some((addr, name)) = stream_from {
+        // Streaming from `follow --serve-standby`; restore_command stays as the fallback
+        // while the receiver is not serving (and for archive recovery).
+        let conninfo = format!("{} application_name={}", conninfo_words(addr), name);
+        conf.push_str(&format!(
+            "primary_conninfo = '{}'\n",
+            conninfo.replace('\'', "''")
+        ));
+    }
     durable::write_atomic(&auto, conf.as_bytes())?;
     durable::publish(&pgdata.join(PG_CONTROL_STAGED), &pgdata.join(PG_CONTROL))?;
     durable::remove_durable(&pgdata.join(MARKER))?;
     Ok(())
+}
+
+/// `host=... port=...` for libpq, each value quoted as libpq wants when needed.
+fn conninfo_words(addr: &crate::serve::ServeAddr) -> String {
+    let quote = |v: &str| {
+        if !v.is_empty() && !v.contains([' ', '\'', '\\']) {
+            v.to_owned()
+        } else {
+            format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+        }
+    };
+    match addr {
+        crate::serve::ServeAddr::Unix { dir, port } => {
+            format!("host={} port={port}", quote(&dir.display().to_string()))
+        }
+        crate::serve::ServeAddr::Tcp(a) => format!("host={} port={}", a.ip(), a.port()),
+    }
 }
 
 /// tablespace_map escapes newlines, carriage returns and backslashes with a backslash.

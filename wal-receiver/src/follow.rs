@@ -24,6 +24,7 @@ use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL
 use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, TimelineId, WalSegSize};
 
+use crate::serve::{self, Feed, Feedback, ServeAddr, StoreView};
 use crate::store::{Store, StoreError, StoreState};
 use crate::{exit, Fatal};
 
@@ -37,6 +38,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Flush at least this often while WAL keeps arriving (bytes written but not flushed).
 const MAX_UNFLUSHED: u64 = 8 << 20;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// The standby's feedback is written for `status` at most this often.
+const STANDBY_FILE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct FollowConfig {
     pub sender: String,
@@ -47,6 +50,8 @@ pub struct FollowConfig {
     pub until: Option<Lsn>,
     /// TLS to the sender; `None` is plaintext.
     pub tls: Option<TlsClient>,
+    /// Serve a standby over PostgreSQL's streaming replication protocol at this address.
+    pub serve: Option<ServeAddr>,
 }
 
 /// How the receiver connects with TLS.
@@ -103,12 +108,20 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
         .await?
         .map_err(store_fatal)?;
     info!(wal_dir = %cfg.wal_dir.display(), flush_lsn = %store.flush_lsn(), "WAL store opened");
+    let mut feed = match &cfg.serve {
+        Some(addr) => Some(serve::start(addr, &cfg.wal_dir).await.map_err(|e| Fatal {
+            code: exit::USAGE,
+            message: format!("cannot serve the standby: {e:#}"),
+        })?),
+        None => None,
+    };
+    publish(feed.as_ref(), &store);
     let mut backoff = BACKOFF_MIN;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let before = store.flush_lsn();
         let result = tokio::select! {
-            r = session(&mut store, &cfg) => r,
+            r = session(&mut store, &cfg, feed.as_mut()) => r,
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         };
@@ -121,6 +134,7 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
         // WAL written before the failure was verified and is contiguous: make it durable, so
         // the next session resumes exactly where the store ends.
         tokio::task::block_in_place(|| store.flush()).map_err(store_fatal)?;
+        publish(feed.as_ref(), &store);
         if store.flush_lsn() > before {
             backoff = BACKOFF_MIN;
         }
@@ -331,7 +345,68 @@ pub fn check_same_cluster(
 
 /// One connection: handshake, then receive, store, flush and acknowledge until it fails,
 /// or until the store reaches `cfg.until`.
-async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<Outcome> {
+/// Tells the standby server what the store holds durably.
+fn publish(feed: Option<&Feed>, store: &Store) {
+    if let (Some(f), Some(st)) = (feed, store.state()) {
+        f.view.send_replace(Some(StoreView {
+            system_id: st.system_id,
+            timeline: st.timeline,
+            seg_size: st.seg_size,
+            pg_version: st.pg_version,
+            flush_lsn: store.flush_lsn(),
+        }));
+    }
+}
+
+/// Waits for new feedback from the standby; never returns without a standby server.
+async fn next_feedback(feed: &mut Option<&mut Feed>) -> Feedback {
+    match feed {
+        Some(f) => {
+            if f.feedback.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            f.feedback.borrow_and_update().clone()
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The standby's feedback as it travels upstream.
+fn feedback_message(f: &Feedback) -> Message {
+    Message::StandbyFeedback {
+        apply_lsn: f.apply_lsn,
+        xmin: f.xmin,
+        xmin_epoch: f.xmin_epoch,
+        catalog_xmin: f.catalog_xmin,
+        catalog_xmin_epoch: f.catalog_xmin_epoch,
+    }
+}
+
+/// Where `status` finds what the standby last reported.
+pub const STANDBY_FILE: &str = "standby.json";
+
+/// Records the standby's feedback for `status`. Informational: not fsynced.
+fn write_standby_file(dir: &std::path::Path, f: &Feedback) {
+    let json = serde_json::json!({
+        "application_name": f.application_name,
+        "connected": f.connected,
+        "write_lsn": f.write_lsn.to_string(),
+        "flush_lsn": f.flush_lsn.to_string(),
+        "replay_lsn": f.apply_lsn.to_string(),
+        "reply_time": f.reply_time,
+        "xmin": f.xmin,
+    });
+    let tmp = dir.join(format!("{STANDBY_FILE}.tmp"));
+    if std::fs::write(&tmp, json.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join(STANDBY_FILE));
+    }
+}
+
+async fn session(
+    store: &mut Store,
+    cfg: &FollowConfig,
+    feed: Option<&mut Feed>,
+) -> Result<Outcome> {
     let Connection {
         mut rd,
         mut link,
@@ -369,6 +444,13 @@ async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<Outcome> {
     })
     .await?;
     info!(%start_lsn, timeline = timeline.0, "requesting WAL");
+    // The sender of this session has not heard from the standby yet.
+    if let Some(f) = feed.as_deref() {
+        let fb = f.feedback.borrow().clone();
+        if fb.connected {
+            link.send(&feedback_message(&fb)).await?;
+        }
+    }
 
     let (tx, mut rx) = mpsc::channel::<Result<(Message, u64)>>(256);
     let reader = tokio::spawn(async move {
@@ -386,7 +468,16 @@ async fn session(store: &mut Store, cfg: &FollowConfig) -> Result<Outcome> {
             }
         }
     });
-    let result = stream(store, &mut rx, &mut link, server_flush_lsn, cfg.until).await;
+    let result = stream(
+        store,
+        &mut rx,
+        &mut link,
+        server_flush_lsn,
+        cfg.until,
+        feed,
+        &cfg.wal_dir,
+    )
+    .await;
     reader.abort();
     result
 }
@@ -398,19 +489,39 @@ enum Outcome {
     Reached,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     store: &mut Store,
     rx: &mut mpsc::Receiver<Result<(Message, u64)>>,
     link: &mut Link,
     mut server_flush_lsn: Lsn,
     until: Option<Lsn>,
+    mut feed: Option<&mut Feed>,
+    wal_dir: &std::path::Path,
 ) -> Result<Outcome> {
     let mut last_log = Instant::now();
+    let mut last_msg = tokio::time::Instant::now();
+    let mut last_file = Instant::now() - STANDBY_FILE_INTERVAL;
+    let mut sent: Option<Message> = None;
     loop {
-        let first = tokio::time::timeout(IDLE_TIMEOUT, rx.recv())
-            .await
-            .map_err(|_| anyhow!("no message from the sender for {IDLE_TIMEOUT:?}; assuming the connection is dead"))?
-            .ok_or_else(|| anyhow!("connection reader stopped"))?;
+        let first = tokio::select! {
+            r = tokio::time::timeout_at(last_msg + IDLE_TIMEOUT, rx.recv()) => r
+                .map_err(|_| anyhow!("no message from the sender for {IDLE_TIMEOUT:?}; assuming the connection is dead"))?
+                .ok_or_else(|| anyhow!("connection reader stopped"))?,
+            fb = next_feedback(&mut feed) => {
+                let m = feedback_message(&fb);
+                if sent.as_ref() != Some(&m) {
+                    link.send(&m).await?;
+                    sent = Some(m);
+                }
+                if !fb.connected || last_file.elapsed() >= STANDBY_FILE_INTERVAL {
+                    last_file = Instant::now();
+                    write_standby_file(wal_dir, &fb);
+                }
+                continue;
+            }
+        };
+        last_msg = tokio::time::Instant::now();
         let mut item = Some(first);
         while let Some(it) = item.take() {
             let (msg, wire_bytes) = it?;
@@ -444,6 +555,7 @@ async fn stream(
             let t0 = Instant::now();
             let batch = store.write_lsn().saturating_sub(store.flush_lsn());
             let flush_lsn = tokio::task::block_in_place(|| store.flush()).map_err(store_fatal)?;
+            publish(feed.as_deref(), store);
             tracing::debug!(batch, flush_us = t0.elapsed().as_micros() as u64, "flushed");
             link.send(&Message::Ack {
                 write_lsn: store.write_lsn(),

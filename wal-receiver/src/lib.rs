@@ -8,14 +8,18 @@
 //! - [`follow`]: the streaming loop with group commit and reconnects.
 //! - [`restore`]: the `restore_command` helper.
 //! - [`status`]: what a store holds.
+//! - [`walread`]: reading WAL back out of a store while it is written.
+//! - [`serve`]: PostgreSQL's streaming replication protocol, served to a standby from the store.
 
 pub mod bootstrap;
 pub mod follow;
 pub mod paths;
 pub mod restore;
 pub mod sealed;
+pub mod serve;
 pub mod status;
 pub mod store;
+pub mod walread;
 
 /// Exit codes of wal-receiver. They are part of its interface (see the README).
 pub mod exit {

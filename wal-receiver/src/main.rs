@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use wal_receiver::serve::ServeAddr;
 use wal_receiver::{exit, Fatal};
 use walship_common::logging::{self, LogFormat};
 use walship_common::Lsn;
@@ -40,6 +41,15 @@ enum Command {
         start_lsn: Option<Lsn>,
         #[command(flatten)]
         tls: TlsArgs,
+        /// Serve a standby over PostgreSQL's streaming replication protocol, straight from
+        /// the store: an absolute directory for a Unix socket (.s.PGSQL.PORT in it), or a
+        /// loopback IP:PORT. Trust authentication: access is controlled by the directory's
+        /// permissions. The standby's replay position and hot-standby feedback go upstream.
+        #[arg(long, value_name = "SOCKET_DIR|IP:PORT")]
+        serve_standby: Option<String>,
+        /// The port in the socket's name when --serve-standby is a directory.
+        #[arg(long, value_name = "PORT", default_value_t = 5432)]
+        serve_standby_port: u16,
     },
     /// Make a new standby from a live primary: restore a consistent snapshot into --pgdata,
     /// store WAL through the snapshot's stop position in --wal-dir, and write the recovery
@@ -66,6 +76,18 @@ enum Command {
         tablespace_mapping: Vec<(PathBuf, PathBuf)>,
         #[command(flatten)]
         tls: TlsArgs,
+        /// How the standby gets WAL: "stream" sets primary_conninfo to the address where
+        /// `follow --serve-standby` serves it (restore_command stays as the fallback);
+        /// "restore-command" uses restore_command only.
+        #[arg(long, value_name = "HOW", default_value = "stream", value_parser = ["stream", "restore-command"])]
+        standby_feed: String,
+        /// Where `follow --serve-standby` will serve the standby (default: --wal-dir, as a
+        /// Unix socket directory). Give the same to `follow`.
+        #[arg(long, value_name = "SOCKET_DIR|IP:PORT")]
+        serve_standby: Option<String>,
+        /// The port in the socket's name when the standby is served on a directory.
+        #[arg(long, value_name = "PORT", default_value_t = 5432)]
+        serve_standby_port: u16,
     },
     /// Copy one WAL file from the store to DEST: for restore_command, as
     /// `wal-receiver restore-wal --wal-dir DIR %f %p`. Exits 1 when the file is not there.
@@ -156,7 +178,16 @@ fn main() -> ExitCode {
             wal_dir,
             start_lsn,
             tls,
+            serve_standby,
+            serve_standby_port,
         } => tls.load().map_err(anyhow::Error::from).and_then(|tls| {
+            let serve = serve_standby
+                .map(|s| ServeAddr::parse(&s, serve_standby_port))
+                .transpose()
+                .map_err(|message| Fatal {
+                    code: exit::USAGE,
+                    message,
+                })?;
             let rt = runtime()?;
             rt.block_on(wal_receiver::follow::follow(
                 wal_receiver::follow::FollowConfig {
@@ -166,6 +197,7 @@ fn main() -> ExitCode {
                     start_lsn,
                     until: None,
                     tls,
+                    serve,
                 },
             ))
         }),
@@ -176,10 +208,27 @@ fn main() -> ExitCode {
             wal_dir,
             tablespace_mapping,
             tls,
+            standby_feed,
+            serve_standby,
+            serve_standby_port,
         } => std::env::current_exe()
             .map_err(anyhow::Error::from)
             .and_then(|restore_bin| {
                 let tls = tls.load()?;
+                let serve = if standby_feed == "stream" {
+                    let addr = match serve_standby {
+                        Some(s) => s,
+                        None => std::path::absolute(&wal_dir)?.display().to_string(),
+                    };
+                    Some(
+                        ServeAddr::parse(&addr, serve_standby_port).map_err(|message| Fatal {
+                            code: exit::USAGE,
+                            message,
+                        })?,
+                    )
+                } else {
+                    None
+                };
                 runtime()?.block_on(wal_receiver::bootstrap::bootstrap(
                     wal_receiver::bootstrap::BootstrapConfig {
                         sender,
@@ -189,6 +238,7 @@ fn main() -> ExitCode {
                         tablespace_mapping,
                         restore_bin,
                         tls,
+                        serve,
                     },
                 ))
             }),

@@ -15,6 +15,7 @@ use walship_common::WalFileName;
 
 use crate::sealed;
 use crate::store::{read_state, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
+use crate::walread::read_partial;
 
 /// Writes `file` to `dest`. `Ok(false)` means the store does not have it (yet).
 pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path) -> Result<bool> {
@@ -88,30 +89,29 @@ fn write_file(
                 } else {
                     state.flush_lsn.segment_offset(state.seg_size)
                 };
-                match File::open(&partial_path) {
-                    Ok(f) if valid > 0 => {
-                        let mut got = 0u64;
-                        let mut r = f.take(valid);
-                        got += io::copy(&mut r, out)
-                            .with_context(|| format!("read {}", partial_path.display()))?;
-                        if got != valid {
-                            bail!(
-                                "{} is shorter than the store's flush position says",
-                                partial_path.display()
-                            );
-                        }
+                if valid == 0 {
+                    return Ok(false);
+                }
+                // Checked against recycling: see crate::walread.
+                match read_partial(&partial_path, 0, valid as usize) {
+                    Ok(Some(bytes)) => {
+                        out.write_all(&bytes)
+                            .context("write the restored segment")?;
                         io::copy(&mut io::repeat(0).take(seg_len - valid), out)?;
                         true
                     }
-                    Ok(_) => false,
-                    // Sealed between our two looks: serve the sealed copy.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound && sealed_path.exists() => {
+                    // Sealed (and perhaps recycled) between our looks: serve the sealed copy.
+                    Ok(None) if sealed_path.exists() => {
                         sealed::read_sealed(&sealed_path, seg_len, out)?;
                         true
                     }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                    Ok(None) => false,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => bail!(
+                        "{} is shorter than the store's flush position says",
+                        partial_path.display()
+                    ),
                     Err(e) => {
-                        return Err(e).with_context(|| format!("open {}", partial_path.display()))
+                        return Err(e).with_context(|| format!("read {}", partial_path.display()))
                     }
                 }
             }

@@ -28,6 +28,22 @@ pub struct Status {
     pub wire_bytes: u64,
     /// Whether a wal-receiver holds the store's lock right now.
     pub receiver_running: bool,
+    /// What the standby served by `follow --serve-standby` last reported (at most about a
+    /// second old while it is connected); absent if no standby was ever served.
+    pub standby: Option<StandbyStatus>,
+}
+
+/// A standby's last report, as `follow --serve-standby` recorded it.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct StandbyStatus {
+    pub application_name: String,
+    pub connected: bool,
+    pub write_lsn: String,
+    pub flush_lsn: String,
+    pub replay_lsn: String,
+    /// Seconds since the Unix epoch.
+    pub reply_time: u64,
+    pub xmin: u32,
 }
 
 pub fn status(wal_dir: &Path) -> Result<Option<Status>> {
@@ -81,6 +97,9 @@ pub fn status(wal_dir: &Path) -> Result<Option<Status>> {
         raw_bytes: state.raw_bytes,
         wire_bytes: state.wire_bytes,
         receiver_running,
+        standby: fs::read(wal_dir.join(crate::follow::STANDBY_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok()),
     }))
 }
 
@@ -120,6 +139,17 @@ impl std::fmt::Display for Status {
             "received:           {} bytes of WAL, {} bytes on the wire{ratio}",
             self.raw_bytes, self.wire_bytes
         )?;
+        if let Some(s) = &self.standby {
+            writeln!(
+                f,
+                "standby:            {} ({}), replayed to {}, flushed to {}, last report at {} (Unix time)",
+                if s.application_name.is_empty() { "?" } else { &s.application_name },
+                if s.connected { "connected" } else { "not connected" },
+                s.replay_lsn,
+                s.flush_lsn,
+                s.reply_time
+            )?;
+        }
         write!(
             f,
             "receiver running:   {}",

@@ -370,6 +370,26 @@ impl ReplConn {
         self.flush().await
     }
 
+    /// Sends hot-standby feedback (`'h'`): the standby's oldest xmin and catalog xmin with
+    /// their epochs (0 means none).
+    pub async fn send_hot_standby_feedback(
+        &mut self,
+        xmin: u32,
+        xmin_epoch: u32,
+        catalog_xmin: u32,
+        catalog_xmin_epoch: u32,
+    ) -> Result<()> {
+        let mut m = BytesMut::with_capacity(25);
+        m.put_u8(b'h');
+        m.put_i64(pg_now());
+        m.put_u32(xmin);
+        m.put_u32(xmin_epoch);
+        m.put_u32(catalog_xmin);
+        m.put_u32(catalog_xmin_epoch);
+        frontend::CopyData::new(m.freeze())?.write(&mut self.wbuf);
+        self.flush().await
+    }
+
     /// Ends the session politely; errors are ignored since the connection is going away.
     pub async fn terminate(mut self) {
         frontend::terminate(&mut self.wbuf);

@@ -425,6 +425,9 @@ fn classify_pg_error(e: anyhow::Error, slot: &str, start_lsn: Lsn) -> anyhow::Er
     e
 }
 
+/// A standby's hot-standby feedback: xmin, its epoch, catalog xmin, its epoch.
+type HotStandby = (u32, u32, u32, u32);
+
 /// The largest run of WAL coalesced into one frame.
 const MAX_BATCH: usize = 1 << 20;
 /// Below this size a frame waits up to the batch delay for more WAL.
@@ -437,6 +440,10 @@ struct Upstream<'a> {
     sent_lsn: Lsn,
     ack_write_lsn: Lsn,
     ack_flush_lsn: Lsn,
+    /// The replay position of the standby the receiver feeds, if it reports one.
+    ack_apply_lsn: Lsn,
+    /// Hot-standby feedback last sent upstream.
+    hot_standby: HotStandby,
     raw_bytes: u64,
     /// A message read while coalescing that still has to be handled.
     pending: Option<CopyMessage>,
@@ -535,8 +542,33 @@ impl Upstream<'_> {
     /// Sends the receiver's acknowledged positions upstream as a standby status update.
     async fn report(&mut self) -> Result<()> {
         self.pg
-            .send_status(self.ack_write_lsn, self.ack_flush_lsn, Lsn::INVALID, false)
+            .send_status(
+                self.ack_write_lsn,
+                self.ack_flush_lsn,
+                self.ack_apply_lsn,
+                false,
+            )
             .await
+    }
+
+    /// The standby behind the receiver replayed to `apply_lsn`; its hot-standby feedback is
+    /// `hs`. Both go upstream, so that remote_apply and hot_standby_feedback work across
+    /// walship.
+    async fn on_standby(&mut self, apply_lsn: Lsn, hs: HotStandby) -> Result<()> {
+        // A standby cannot have replayed what the receiver does not hold; never report more
+        // than was sent.
+        let apply_lsn = apply_lsn.min(self.sent_lsn);
+        if hs != self.hot_standby {
+            self.hot_standby = hs;
+            self.pg
+                .send_hot_standby_feedback(hs.0, hs.1, hs.2, hs.3)
+                .await?;
+        }
+        if apply_lsn != self.ack_apply_lsn {
+            self.ack_apply_lsn = apply_lsn;
+            self.report().await?;
+        }
+        Ok(())
     }
 
     async fn on_ack(&mut self, start_lsn: Lsn, write_lsn: Lsn, flush_lsn: Lsn) -> Result<()> {
@@ -583,6 +615,7 @@ async fn stream(
 ) -> Result<()> {
     // Acknowledgements arrive on their own task: frame reads are not cancellation-safe.
     let (ack_tx, mut ack_rx) = watch::channel((Lsn::INVALID, Lsn::INVALID));
+    let (fb_tx, mut fb_rx) = watch::channel((Lsn::INVALID, (0u32, 0u32, 0u32, 0u32)));
     let acks = tokio::spawn(async move {
         loop {
             let Some(frame) = dec.read_frame(&mut rd).await? else {
@@ -595,6 +628,18 @@ async fn stream(
                 } => {
                     let _ = ack_tx.send((write_lsn, flush_lsn));
                 }
+                Message::StandbyFeedback {
+                    apply_lsn,
+                    xmin,
+                    xmin_epoch,
+                    catalog_xmin,
+                    catalog_xmin_epoch,
+                } => {
+                    let _ = fb_tx.send((
+                        apply_lsn,
+                        (xmin, xmin_epoch, catalog_xmin, catalog_xmin_epoch),
+                    ));
+                }
                 Message::Error { message, .. } => bail!("receiver reported: {message}"),
                 other => bail!("unexpected {:?} message from receiver", other.kind()),
             }
@@ -606,6 +651,8 @@ async fn stream(
         sent_lsn: start_lsn,
         ack_write_lsn: Lsn::INVALID,
         ack_flush_lsn: Lsn::INVALID,
+        ack_apply_lsn: Lsn::INVALID,
+        hot_standby: (0, 0, 0, 0),
         raw_bytes: 0,
         pending: None,
         batch_delay,
@@ -629,6 +676,13 @@ async fn stream(
                 }
                 let (write_lsn, flush_lsn) = *ack_rx.borrow_and_update();
                 up.on_ack(start_lsn, write_lsn, flush_lsn).await
+            }
+            changed = fb_rx.changed() => {
+                if changed.is_err() {
+                    break Ok(());
+                }
+                let (apply_lsn, hs) = *fb_rx.borrow_and_update();
+                up.on_standby(apply_lsn, hs).await
             }
             _ = status_tick.tick() => up.on_tick().await,
         };
