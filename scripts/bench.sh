@@ -16,7 +16,14 @@
 # Setups alternate and repeat $BENCH_RUNS times; medians are reported. Raw numbers go to
 # $BENCH_OUT (JSON). Timing is measured here, never asserted in tests.
 #
-# Environment: BENCH_PARTS ("bootstrap streaming"), BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
+# Replay: how long a commit on the primary takes to become visible on a standby, under
+# `pgbench -c 4 -T $BENCH_SECONDS`, for three feeds of the same standby: PostgreSQL's native
+# streaming replication (pg_basebackup -R), walship's restore_command feed, and walship's
+# streaming feed (follow --serve-standby). Sampled every 100 ms on the standby as
+# clock_timestamp() - pg_last_xact_replay_timestamp(): the age of the newest replayed commit,
+# which under a steady load is the commit-to-visible lag. p50 and p99, and primary TPS.
+#
+# Environment: BENCH_PARTS ("bootstrap streaming replay"), BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
 # BENCH_RUNS (default 3), BENCH_OUT (default bench-results.json), BENCH_SETUPS (default
 # "none pg_receivewal walship"), BENCH_ZSTD_LEVEL (the sender's --zstd-level, default 3),
 # BENCH_KEEP=1 keeps the temporary directory.
@@ -71,7 +78,7 @@ SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
 SENDER_PID=$!
 PIDS+=("$SENDER_PID")
 sleep 1
-PARTS=${BENCH_PARTS:-bootstrap streaming}
+PARTS=${BENCH_PARTS:-bootstrap streaming replay}
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICKS=$(getconf CLK_TCK)
@@ -196,6 +203,67 @@ for run in $(seq "$RUNS"); do
     done
 done
 
+# ---------------------------------------------------------------------------------------
+# Replay: commit-to-visible lag on a standby fed three ways.
+# ---------------------------------------------------------------------------------------
+REPLAY_PORT=5499
+SCONN="host=$WORK/sock port=$REPLAY_PORT user=postgres dbname=postgres"
+replay_one() {  # feed run -> JSON
+    local feed=$1 run=$2 app="replay_${1}_$2" dir="$WORK/replay-$1-$2" sampler=""
+    as_pg mkdir -p "$dir"
+    case $feed in
+        native)
+            as_pg "$PG_BIN/pg_basebackup" -d "$CONN application_name=$app" -D "$dir/standby" -Fp -Xstream -c fast -R \
+                > "$dir/bootstrap.log" 2>&1
+            ;;
+        restore_command|walship)
+            local how=stream serve=()
+            if [ "$feed" = restore_command ]; then how=restore-command; else serve=(--serve-standby "$dir/wal"); fi
+            as_pg "$BIN/wal-receiver" bootstrap --sender "127.0.0.1:$SENDER_PORT" --name "$app" \
+                --pgdata "$dir/standby" --wal-dir "$dir/wal" --standby-feed "$how" > "$dir/bootstrap.log" 2>&1
+            as_pg "$BIN/wal-receiver" follow --sender "127.0.0.1:$SENDER_PORT" --name "$app" --wal-dir "$dir/wal" \
+                "${serve[@]}" > "$dir/follow.log" 2>&1 &
+            PIDS+=("$!")
+            ;;
+    esac
+    as_pg "$PG_BIN/pg_ctl" -D "$dir/standby" -l "$dir/standby.log" -w -t 300 start \
+        -o "-p $REPLAY_PORT -c listen_addresses='' -c unix_socket_directories='$WORK/sock'" >/dev/null
+    local target; target=$(psql_ "SELECT pg_current_wal_flush_lsn()")
+    for _ in $(seq 1200); do
+        [ "$("$PG_BIN/psql" -XAtq -d "$SCONN" -c "SELECT coalesce(pg_last_wal_replay_lsn() >= '$target', false)" 2>/dev/null)" = t ] && break
+        sleep 0.1
+    done
+    ( while true; do
+        "$PG_BIN/psql" -XAtq -d "$SCONN" -c "SELECT (extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000)::numeric(12,3)" >> "$dir/lag" 2>/dev/null || true
+        sleep 0.1
+    done ) & sampler=$!
+    local tps
+    tps=$("$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" "$CONN" 2>/dev/null | awk '/^tps/ {print $3; exit}')
+    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+    local p50 p99; p50=$(pct 50 "$dir/lag"); p99=$(pct 99 "$dir/lag")
+    as_pg "$PG_BIN/pg_ctl" -D "$dir/standby" stop -m immediate >/dev/null 2>&1 || true
+    pkill -f -- "--wal-dir $dir/wal" 2>/dev/null || true
+    sleep 0.5
+    psql_ "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'walship_$app'" >/dev/null || true
+    [ -n "${BENCH_KEEP:-}" ] || rm -rf "$dir"
+    printf '{"feed":"%s","run":%s,"tps":%s,"visible_lag_ms_p50":%s,"visible_lag_ms_p99":%s}\n' \
+        "$feed" "$run" "${tps:-null}" "$p50" "$p99"
+}
+
+REPLAY="$WORK/replay.jsonl"
+: > "$REPLAY"
+if [[ " $PARTS " == *" replay "* ]]; then
+    FEEDS=(native restore_command walship)
+    for run in $(seq "$RUNS"); do
+        order=("${FEEDS[@]}")
+        (( run % 2 == 0 )) && order=(walship restore_command native)
+        for feed in "${order[@]}"; do
+            say "replay run $run/$RUNS: $feed feed, pgbench -c 4 -T $SECONDS_PER_RUN"
+            replay_one "$feed" "$run" | tee -a "$REPLAY" >&2
+        done
+    done
+fi
+
 boot_median() {  # tool field
     { grep "\"tool\":\"$1\"" "$BOOT" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
         | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
@@ -210,6 +278,22 @@ if [ -s "$BOOT" ]; then
             printf '%-16s %16s %16s %14s\n' "$f" "$a" "$b" "$ratio"
         done
     } | tee "$WORK/bootstrap-table.txt"
+fi
+
+replay_median() {  # feed field
+    { grep "\"feed\":\"$1\"" "$REPLAY" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
+        | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
+}
+if [ -s "$REPLAY" ]; then
+    {
+        printf '\nCommit-to-visible lag on a standby, pgbench -c 4 -T %s, scale %s, median of %s runs\n\n' "$SECONDS_PER_RUN" "$SCALE" "$RUNS"
+        printf '%-20s %14s %16s %14s %14s\n' metric native restore_command walship "walship/native"
+        for f in visible_lag_ms_p50 visible_lag_ms_p99 tps; do
+            a=$(replay_median native "$f"); b=$(replay_median restore_command "$f"); c=$(replay_median walship "$f")
+            ratio=$(awk -v a="$a" -v c="$c" 'BEGIN { if (a == "null" || c == "null" || a == 0) print "-"; else printf "%.2f", c / a }')
+            printf '%-20s %14s %16s %14s %14s\n' "$f" "$a" "$b" "$c" "$ratio"
+        done
+    } | tee "$WORK/replay-table.txt"
 fi
 
 # Medians per setup, then ratios walship / pg_receivewal.
@@ -234,6 +318,8 @@ FIELDS=(tps flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_byte
     paste -sd, "$BOOT"
     printf '],"streaming":['
     paste -sd, "$RESULTS"
+    printf '],"replay":['
+    paste -sd, "$REPLAY"
     printf ']}\n'
 } > "$(cd "$ROOT" && realpath -m "$OUT")"
 say "raw numbers: $OUT"

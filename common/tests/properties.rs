@@ -85,6 +85,24 @@ fn message() -> impl Strategy<Value = Message> {
             write_lsn: a.max(b),
             flush_lsn: a.min(b),
         }),
+        (
+            lsn(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(
+                |(apply_lsn, xmin, xmin_epoch, catalog_xmin, catalog_xmin_epoch)| {
+                    Message::StandbyFeedback {
+                        apply_lsn,
+                        xmin,
+                        xmin_epoch,
+                        catalog_xmin,
+                        catalog_xmin_epoch,
+                    }
+                }
+            ),
         (1u16..=6, text()).prop_map(|(c, message)| Message::Error {
             code: ErrorCode::from_u16(c),
             message
