@@ -345,16 +345,21 @@ pub fn check_same_cluster(
 
 /// One connection: handshake, then receive, store, flush and acknowledge until it fails,
 /// or until the store reaches `cfg.until`.
+/// What the standby server is told of the store, with the persisted flush position.
+fn view_of(store: &Store) -> Option<StoreView> {
+    store.state().map(|st| StoreView {
+        system_id: st.system_id,
+        timeline: st.timeline,
+        seg_size: st.seg_size,
+        pg_version: st.pg_version,
+        flush_lsn: store.flush_lsn(),
+    })
+}
+
 /// Tells the standby server what the store holds durably.
 fn publish(feed: Option<&Feed>, store: &Store) {
-    if let (Some(f), Some(st)) = (feed, store.state()) {
-        f.view.send_replace(Some(StoreView {
-            system_id: st.system_id,
-            timeline: st.timeline,
-            seg_size: st.seg_size,
-            pg_version: st.pg_version,
-            flush_lsn: store.flush_lsn(),
-        }));
+    if let (Some(f), Some(v)) = (feed, view_of(store)) {
+        f.view.send_replace(Some(v));
     }
 }
 
@@ -554,9 +559,28 @@ async fn stream(
         if store.write_lsn() > store.flush_lsn() {
             let t0 = Instant::now();
             let batch = store.write_lsn().saturating_sub(store.flush_lsn());
-            let flush_lsn = tokio::task::block_in_place(|| store.flush()).map_err(store_fatal)?;
-            publish(feed.as_deref(), store);
-            tracing::debug!(batch, flush_us = t0.elapsed().as_micros() as u64, "flushed");
+            // The standby may have WAL as soon as it is fdatasynced, before `state` records
+            // the new position.
+            let (view, feed_ref) = (view_of(store), feed.as_deref());
+            let mut synced_us = 0u64;
+            let flush_lsn = tokio::task::block_in_place(|| {
+                store.flush_notify(|synced| {
+                    synced_us = t0.elapsed().as_micros() as u64;
+                    if let (Some(f), Some(v)) = (feed_ref, view) {
+                        f.view.send_replace(Some(StoreView {
+                            flush_lsn: synced,
+                            ..v
+                        }));
+                    }
+                })
+            })
+            .map_err(store_fatal)?;
+            tracing::debug!(
+                batch,
+                synced_us,
+                flush_us = t0.elapsed().as_micros() as u64,
+                "flushed"
+            );
             link.send(&Message::Ack {
                 write_lsn: store.write_lsn(),
                 flush_lsn,

@@ -453,6 +453,14 @@ impl Store {
     /// Makes everything written durable and records it; returns the new flush position.
     /// Complete segments are then handed to the sealer.
     pub fn flush(&mut self) -> Result<Lsn, StoreError> {
+        self.flush_notify(|_| {})
+    }
+
+    /// [`Store::flush`], calling `synced` with the new position as soon as the WAL bytes
+    /// are fdatasynced, before `state` records it. A standby may be sent WAL from then on:
+    /// the bytes are durable, and after a crash before `state` is written the stream
+    /// resumes at the older position and writes the same bytes again.
+    pub fn flush_notify(&mut self, synced: impl FnOnce(Lsn)) -> Result<Lsn, StoreError> {
         if let Some(e) = self
             .seal_error
             .lock()
@@ -474,6 +482,7 @@ impl Store {
             durable::fsync_dir(&self.dir)?;
             self.dir_dirty = false;
         }
+        synced(self.write_lsn);
         state.flush_lsn = self.write_lsn;
         state.raw_bytes += self.pending_raw;
         state.wire_bytes += self.pending_wire;
