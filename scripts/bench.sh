@@ -51,6 +51,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
     as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" stop -m immediate >/dev/null 2>&1 || true
+    ip netns del "walship_bench_$$" 2>/dev/null || true
     if [ -z "${BENCH_KEEP:-}" ]; then rm -rf "$WORK" "$BIN"; else say "kept $WORK"; fi
 }
 trap cleanup EXIT
@@ -78,7 +79,7 @@ SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
 SENDER_PID=$!
 PIDS+=("$SENDER_PID")
 sleep 1
-PARTS=${BENCH_PARTS:-bootstrap streaming replay}
+PARTS=${BENCH_PARTS:-bootstrap streaming replay catchup}
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICKS=$(getconf CLK_TCK)
@@ -88,39 +89,86 @@ TICKS=$(getconf CLK_TCK)
 # Wall time until the target is a standby that can start; CPU of the client (and of
 # wal-sender for walship); bytes on the wire.
 # ---------------------------------------------------------------------------------------
-boot_one() {  # tool run -> JSON
-    local tool=$1 run=$2 target="$WORK/boot-$1-$2" timing="$WORK/boot-$1-$2.time" wire=null sender_cpu=null
+boot_one() {  # tool run link -> JSON
+    local tool=$1 run=$2 link=$3 target="$WORK/boot-$1-$2" timing="$WORK/boot-$1-$2.time" wire=null sender_cpu=null
     local before; before=$(cpu_ticks "$SENDER_PID")
     local TIMEFORMAT='%R %U %S'
+    local pgconn=$CONN
+    [ "$link" = loopback ] || pgconn="host=127.0.0.1 port=5432 user=postgres dbname=postgres"
     case $tool in
         walship)
-            { time as_pg "$BIN/wal-receiver" bootstrap --sender "127.0.0.1:$SENDER_PORT" --name "boot_$run" \
+            { time "${NSX[@]}" "${AS_PG[@]}" "$BIN/wal-receiver" bootstrap --sender "127.0.0.1:$SENDER_PORT" --name "boot_$run" \
                 --pgdata "$target" --wal-dir "$target.wal" > "$target.log" 2>&1 ; } 2> "$timing"
             sender_cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$SENDER_PID")" -v t="$TICKS" 'BEGIN {printf "%.2f", (b - a) / t}')
-            wire=$(grep "backup sent" "$WORK/sender.log" | tail -1 | sed -E 's/.*wire_bytes=([0-9]+).*/\1/')
+            wire=$(grep "backup sent" "$SENDER_LOG" | tail -1 | sed -E 's/.*wire_bytes=([0-9]+).*/\1/')
             ;;
         pg_basebackup)
-            { time as_pg "$PG_BIN/pg_basebackup" -d "$CONN" -D "$target" -Fp -Xstream -c fast > "$target.log" 2>&1 ; } 2> "$timing"
+            { time "${NSX[@]}" "${AS_PG[@]}" "$PG_BIN/pg_basebackup" -d "$pgconn" -D "$target" -Fp -Xstream -c fast > "$target.log" 2>&1 ; } 2> "$timing"
             ;;
     esac
     local bytes; bytes=$(du -sb "$target" | cut -f1)
     read -r wall user sys < "$timing"
     psql_ "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'walship_boot_$run'" >/dev/null || true
     rm -rf "$target" "$target.wal"
-    printf '{"tool":"%s","run":%s,"wall_s":%s,"client_cpu_s":%s,"sender_cpu_s":%s,"data_bytes":%s,"wire_bytes":%s}\n' \
-        "$tool" "$run" "$wall" "$(awk -v u="$user" -v s="$sys" 'BEGIN {print u + s}')" "$sender_cpu" "$bytes" "${wire:-null}"
+    printf '{"tool":"%s","link":"%s","run":%s,"wall_s":%s,"client_cpu_s":%s,"sender_cpu_s":%s,"data_bytes":%s,"wire_bytes":%s}\n' \
+        "$tool" "$link" "$run" "$wall" "$(awk -v u="$user" -v s="$sys" 'BEGIN {print u + s}')" "$sender_cpu" "$bytes" "${wire:-null}"
+}
+
+AS_PG=(); [ "$(id -u)" = 0 ] && AS_PG=(runuser -u postgres --)
+NSX=()
+NS="walship_bench_$$"
+SENDER_LOG="$WORK/sender.log"
+start_sender() {  # log
+    SENDER_LOG=$1
+    "${NSX[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" > "$SENDER_LOG" 2>&1 &
+    SENDER_PID=$!; PIDS+=("$SENDER_PID")
+    sleep 1
+}
+restart_primary() {  # extra postgres options
+    kill "$SENDER_PID" 2>/dev/null; wait "$SENDER_PID" 2>/dev/null || true
+    as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -w stop -m fast >/dev/null
+    "${NSX[@]}" "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w start -o "$1" >/dev/null
+}
+# Shapes a network namespace's loopback to RATE and runs the primary, the sender and both
+# clients inside it. netem (rate and 1 ms delay) when the kernel has it, else tbf (rate only).
+shape() {  # rate
+    ip netns add "$NS" && ip netns exec "$NS" ip link set lo up
+    if ip netns exec "$NS" tc qdisc add dev lo root netem rate "$1" delay 1ms 2>/dev/null; then
+        SHAPE="netem rate $1 delay 1ms"
+    else
+        ip netns exec "$NS" tc qdisc add dev lo root tbf rate "$1" burst 1mb latency 100ms
+        SHAPE="tbf rate $1 (this kernel has no netem: no added delay)"
+    fi
+    NSX=(ip netns exec "$NS")
+    restart_primary "-c listen_addresses=127.0.0.1"
+    start_sender "$WORK/sender-$1.log"
+}
+unshape() {
+    restart_primary "-c listen_addresses=''"
+    NSX=()
+    ip netns del "$NS" 2>/dev/null || true
+    start_sender "$WORK/sender.log"
 }
 
 BOOT="$WORK/bootstrap.jsonl"
 : > "$BOOT"
+read -r -a LINKS <<< "${BENCH_LINKS:-loopback 1gbit 100mbit}"
 if [[ " $PARTS " == *" bootstrap "* ]]; then
-    for run in $(seq "$RUNS"); do
-        order=(pg_basebackup walship)
-        (( run % 2 == 0 )) && order=(walship pg_basebackup)
-        for tool in "${order[@]}"; do
-            say "bootstrap run $run/$RUNS: $tool"
-            boot_one "$tool" "$run" | tee -a "$BOOT" >&2
+    for link in "${LINKS[@]}"; do
+        SHAPE=loopback
+        if [ "$link" != loopback ]; then
+            if [ "$(id -u)" != 0 ]; then say "skipping the $link bootstrap: shaping a network namespace needs root"; continue; fi
+            shape "$link"
+        fi
+        for run in $(seq "$RUNS"); do
+            order=(pg_basebackup walship)
+            (( run % 2 == 0 )) && order=(walship pg_basebackup)
+            for tool in "${order[@]}"; do
+                say "bootstrap run $run/$RUNS over $SHAPE: $tool"
+                boot_one "$tool" "$run" "$link" | tee -a "$BOOT" >&2
+            done
         done
+        [ "$link" = loopback ] || unshape
     done
 fi
 
@@ -140,11 +188,11 @@ run_one() {  # setup run -> prints a JSON object
     local setup=$1 run=$2 app="bench_${1}_$2" dir="$WORK/$1-$2" recv_pid="" sampler=""
     mkdir -p "$dir"
     case $setup in
-        walship)
+        walship|walship_sync)
             RUST_LOG=${BENCH_RECEIVER_LOG:-info} "$BIN/wal-receiver" follow --sender "127.0.0.1:$SENDER_PORT" --name "$app" --wal-dir "$dir/wal" > "$dir/receiver.log" 2>&1 &
             recv_pid=$!
             ;;
-        pg_receivewal)
+        pg_receivewal|pg_receivewal_sync)
             psql_ "SELECT pg_create_physical_replication_slot('$app', true)" >/dev/null
             "$PG_BIN/pg_receivewal" -d "$CONN application_name=$app" -S "$app" --synchronous -D "$dir" -n > "$dir/receiver.log" 2>&1 &
             recv_pid=$!
@@ -163,9 +211,23 @@ run_one() {  # setup run -> prints a JSON object
         done
         sample "$app" "$dir/samples" & sampler=$!
     fi
+    if [[ $setup == *_sync ]]; then
+        psql_ "ALTER SYSTEM SET synchronous_standby_names = '$app'" >/dev/null
+        psql_ "SELECT pg_reload_conf()" >/dev/null
+        for _ in $(seq 100); do
+            [ "$(psql_ "SELECT sync_state FROM pg_stat_replication WHERE application_name = '$app'")" = sync ] && break
+            sleep 0.1
+        done
+    fi
     local wal_start; wal_start=$(psql_ "SELECT pg_current_wal_flush_lsn()")
-    local tps
-    tps=$("$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" "$CONN" 2>/dev/null | awk '/^tps/ {print $3; exit}')
+    local tps latency
+    "$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" "$CONN" > "$dir/pgbench.out" 2>/dev/null || true
+    tps=$(awk '/^tps/ {print $3; exit}' "$dir/pgbench.out")
+    latency=$(awk '/^latency average/ {print $4; exit}' "$dir/pgbench.out")
+    if [[ $setup == *_sync ]]; then
+        psql_ "ALTER SYSTEM RESET synchronous_standby_names" >/dev/null
+        psql_ "SELECT pg_reload_conf()" >/dev/null
+    fi
     local wal_bytes; wal_bytes=$(psql_ "SELECT pg_current_wal_flush_lsn() - '$wal_start'")
     [ -n "$sampler" ] && kill "$sampler" 2>/dev/null && wait "$sampler" 2>/dev/null || true
     local lag_ms_p50=null lag_ms_p99=null lag_b_p50=null lag_b_p99=null raw=null wire=null
@@ -174,7 +236,7 @@ run_one() {  # setup run -> prints a JSON object
         lag_ms_p50=$(pct 50 "$dir/ms"); lag_ms_p99=$(pct 99 "$dir/ms")
         lag_b_p50=$(pct 50 "$dir/bytes"); lag_b_p99=$(pct 99 "$dir/bytes")
         kill "$recv_pid" 2>/dev/null; wait "$recv_pid" 2>/dev/null || true
-        if [ "$setup" = walship ]; then
+        if [[ $setup == walship* ]]; then
             local st; st=$("$BIN/wal-receiver" status --json --wal-dir "$dir/wal")
             raw=$(printf '%s' "$st" | sed -E 's/.*"raw_bytes":([0-9]+).*/\1/')
             wire=$(printf '%s' "$st" | sed -E 's/.*"wire_bytes":([0-9]+).*/\1/')
@@ -182,13 +244,13 @@ run_one() {  # setup run -> prints a JSON object
         psql_ "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('$app', 'walship_$app')" >/dev/null || true
     fi
     [ -n "${BENCH_KEEP:-}" ] || rm -rf "$dir/wal" "$dir"/0* 2>/dev/null || true
-    printf '{"setup":"%s","run":%s,"tps":%s,"wal_bytes":%s,"flush_lag_ms_p50":%s,"flush_lag_ms_p99":%s,"flush_lag_bytes_p50":%s,"flush_lag_bytes_p99":%s,"raw_bytes":%s,"wire_bytes":%s}\n' \
-        "$setup" "$run" "${tps:-null}" "$wal_bytes" "$lag_ms_p50" "$lag_ms_p99" "$lag_b_p50" "$lag_b_p99" "$raw" "$wire"
+    printf '{"setup":"%s","run":%s,"tps":%s,"latency_ms":%s,"wal_bytes":%s,"flush_lag_ms_p50":%s,"flush_lag_ms_p99":%s,"flush_lag_bytes_p50":%s,"flush_lag_bytes_p99":%s,"raw_bytes":%s,"wire_bytes":%s}\n' \
+        "$setup" "$run" "${tps:-null}" "${latency:-null}" "$wal_bytes" "$lag_ms_p50" "$lag_ms_p99" "$lag_b_p50" "$lag_b_p99" "$raw" "$wire"
 }
 
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
-read -r -a SETUPS <<< "${BENCH_SETUPS:-none pg_receivewal walship}"
+read -r -a SETUPS <<< "${BENCH_SETUPS:-none pg_receivewal walship pg_receivewal_sync walship_sync}"
 [[ " $PARTS " == *" streaming "* ]] || SETUPS=()
 for run in $(seq "$RUNS"); do
     (( ${#SETUPS[@]} )) || break
@@ -264,20 +326,116 @@ if [[ " $PARTS " == *" replay "* ]]; then
     done
 fi
 
-boot_median() {  # tool field
-    { grep "\"tool\":\"$1\"" "$BOOT" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
+# ---------------------------------------------------------------------------------------
+# Catch-up: a receiver is stopped, about $BENCH_CATCHUP_MB MB of WAL is written (pgbench -i
+# into a database of its own), and the receiver starts again. Time until its flushed
+# position reaches the primary's, the rate, and for walship the peak RSS and CPU seconds per
+# GB of WAL of the sender and the receiver. pg_receivewal runs in its default mode (it
+# fsyncs at segment end), the fastest way it catches up, and is timed to its written
+# position; walship is timed to its fsynced, acknowledged position.
+# ---------------------------------------------------------------------------------------
+CATCHUP_MB=${BENCH_CATCHUP_MB:-2048}
+rss_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo null; }
+catchup_one() {  # tool run -> JSON
+    local tool=$1 run=$2 app="catchup_${1}_$2" dir="$WORK/catchup-$1-$2" pid=""
+    mkdir -p "$dir"
+    # A sender of its own, so that its peak RSS and CPU are this catch-up's. (This runs in
+    # a pipeline's subshell: everything it starts, it stops.)
+    local port=$(( SENDER_PORT + 1 )) spid
+    "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$port" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" > "$dir/sender.log" 2>&1 &
+    spid=$!
+    sleep 0.5
+    start_receiver() {
+        case $tool in
+            walship)
+                "$BIN/wal-receiver" follow --sender "127.0.0.1:$port" --name "$app" --wal-dir "$dir/wal" > "$dir/receiver.log" 2>&1 & ;;
+            pg_receivewal)
+                "$PG_BIN/pg_receivewal" -d "$CONN application_name=$app" -S "$app" -D "$dir/wal" -n > "$dir/receiver.log" 2>&1 & ;;
+        esac
+        pid=$!
+    }
+    # walship: its acknowledged (fsynced) position. pg_receivewal in its default mode
+    # fsyncs only at segment end, so its written position is what it has received.
+    local col=flush_lsn; [ "$tool" = pg_receivewal ] && col=write_lsn
+    flushed() { psql_ "SELECT coalesce((SELECT $col >= '$1'::pg_lsn FROM pg_stat_replication WHERE application_name = '$app'), false)"; }
+    mkdir -p "$dir/wal"
+    [ "$tool" = pg_receivewal ] && psql_ "SELECT pg_create_physical_replication_slot('$app', true)" >/dev/null
+    start_receiver
+    local now; now=$(psql_ "SELECT pg_current_wal_flush_lsn()")
+    for _ in $(seq 600); do [ "$(flushed "$now")" = t ] && break; sleep 0.1; done
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    local from; from=$(psql_ "SELECT pg_current_wal_flush_lsn()")
+    psql_ "DROP DATABASE IF EXISTS catchup" >/dev/null; psql_ "CREATE DATABASE catchup" >/dev/null
+    "$PG_BIN/pgbench" -i -q -s "$(( CATCHUP_MB / 16 ))" "host=$WORK/sock port=5432 user=postgres dbname=catchup" >/dev/null 2>&1
+    local target; target=$(psql_ "SELECT pg_current_wal_flush_lsn()")
+    local backlog; backlog=$(psql_ "SELECT '$target'::pg_lsn - '$from'::pg_lsn")
+    local s0 t0; s0=$(cpu_ticks "$spid"); t0=$(date +%s.%N)
+    start_receiver
+    until [ "$(flushed "$target")" = t ]; do sleep 0.1; done
+    local t1; t1=$(date +%s.%N)
+    local s1 r1; s1=$(cpu_ticks "$spid"); r1=$(cpu_ticks "$pid")
+    local srss rrss; srss=$(rss_kb "$spid"); rrss=$(rss_kb "$pid")
+    kill "$pid" "$spid" 2>/dev/null || true
+    wait "$pid" "$spid" 2>/dev/null || true
+    psql_ "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('$app', 'walship_$app')" >/dev/null || true
+    psql_ "DROP DATABASE IF EXISTS catchup" >/dev/null
+    [ -n "${BENCH_KEEP:-}" ] || rm -rf "$dir/wal"
+    local secs; secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')
+    local gb; gb=$(awk -v b="$backlog" 'BEGIN {print b / 1073741824}')
+    local sender_cpu=null
+    [ "$tool" = walship ] && sender_cpu=$(awk -v a="$s0" -v b="$s1" -v t="$TICKS" -v g="$gb" 'BEGIN {printf "%.2f", (b - a) / t / g}')
+    [ "$tool" = walship ] || srss=null
+    printf '{"tool":"%s","run":%s,"backlog_bytes":%s,"seconds":%s,"mb_per_s":%s,"receiver_cpu_s_per_gb":%s,"sender_cpu_s_per_gb":%s,"receiver_peak_rss_kb":%s,"sender_peak_rss_kb":%s}\n' \
+        "$tool" "$run" "$backlog" "$secs" "$(awk -v b="$backlog" -v s="$secs" 'BEGIN {printf "%.1f", b / 1048576 / s}')" \
+        "$(awk -v r="$r1" -v t="$TICKS" -v g="$gb" 'BEGIN {printf "%.2f", r / t / g}')" "$sender_cpu" "$rrss" "$srss"
+}
+
+CATCHUP="$WORK/catchup.jsonl"
+: > "$CATCHUP"
+if [[ " $PARTS " == *" catchup "* ]]; then
+    for run in $(seq "$RUNS"); do
+        order=(pg_receivewal walship)
+        (( run % 2 == 0 )) && order=(walship pg_receivewal)
+        for tool in "${order[@]}"; do
+            say "catch-up run $run/$RUNS: $tool, about $CATCHUP_MB MB of WAL behind"
+            catchup_one "$tool" "$run" | tee -a "$CATCHUP" >&2
+        done
+    done
+fi
+
+boot_median() {  # tool field link
+    { grep "\"tool\":\"$1\",\"link\":\"$3\"" "$BOOT" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
         | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
 }
 if [ -s "$BOOT" ]; then
+    for link in "${LINKS[@]}"; do
+        grep -q "\"link\":\"$link\"" "$BOOT" || continue
+        {
+            printf '\nBootstrap over %s, pgbench scale %s, median of %s runs\n\n' "$link" "$SCALE" "$RUNS"
+            printf '%-16s %16s %16s %14s\n' metric pg_basebackup walship "walship/pgbb"
+            for f in wall_s client_cpu_s sender_cpu_s data_bytes wire_bytes; do
+                a=$(boot_median pg_basebackup "$f" "$link"); b=$(boot_median walship "$f" "$link")
+                ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { if (a == "null" || b == "null" || a == 0) print "-"; else printf "%.2f", b / a }')
+                printf '%-16s %16s %16s %14s\n' "$f" "$a" "$b" "$ratio"
+            done
+        } | tee -a "$WORK/bootstrap-table.txt"
+    done
+fi
+
+catchup_median() {  # tool field
+    { grep "\"tool\":\"$1\"" "$CATCHUP" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
+        | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
+}
+if [ -s "$CATCHUP" ]; then
     {
-        printf '\nBootstrap, pgbench scale %s, median of %s runs\n\n' "$SCALE" "$RUNS"
-        printf '%-16s %16s %16s %14s\n' metric pg_basebackup walship "walship/pgbb"
-        for f in wall_s client_cpu_s sender_cpu_s data_bytes wire_bytes; do
-            a=$(boot_median pg_basebackup "$f"); b=$(boot_median walship "$f")
+        printf '\nCatch-up after an outage, about %s MB of WAL behind, median of %s runs\n\n' "$CATCHUP_MB" "$RUNS"
+        printf '%-24s %16s %14s %14s\n' metric pg_receivewal walship "walship/pgrw"
+        for f in backlog_bytes seconds mb_per_s receiver_cpu_s_per_gb sender_cpu_s_per_gb receiver_peak_rss_kb sender_peak_rss_kb; do
+            a=$(catchup_median pg_receivewal "$f"); b=$(catchup_median walship "$f")
             ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { if (a == "null" || b == "null" || a == 0) print "-"; else printf "%.2f", b / a }')
-            printf '%-16s %16s %16s %14s\n' "$f" "$a" "$b" "$ratio"
+            printf '%-24s %16s %14s %14s\n' "$f" "$a" "$b" "$ratio"
         done
-    } | tee "$WORK/bootstrap-table.txt"
+    } | tee "$WORK/catchup-table.txt"
 fi
 
 replay_median() {  # feed field
@@ -301,7 +459,7 @@ median_of() {  # setup field
     { grep "\"setup\":\"$1\"" "$RESULTS" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
         | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
 }
-FIELDS=(tps flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_bytes_p99 wal_bytes raw_bytes wire_bytes)
+FIELDS=(tps latency_ms flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_bytes_p99 wal_bytes raw_bytes wire_bytes)
 {
     printf '\nStreaming, pgbench -c 4 -T %s, scale %s, median of %s runs\n\n' "$SECONDS_PER_RUN" "$SCALE" "$RUNS"
     printf '%-22s %14s %14s %14s %12s\n' metric none pg_receivewal walship "walship/pgrw"
@@ -312,6 +470,15 @@ FIELDS=(tps flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_byte
     done
     raw=$(median_of walship raw_bytes); wire=$(median_of walship wire_bytes)
     awk -v r="$raw" -v w="$wire" 'BEGIN { if (r != "null" && r > 0) printf "\nwalship wire bytes / raw WAL bytes: %.1f%%\n", 100 * w / r }'
+    if grep -q '_sync"' "$RESULTS"; then
+        printf '\nSynchronous (synchronous_standby_names names the receiver), median of %s runs\n\n' "$RUNS"
+        printf '%-22s %18s %14s %12s\n' metric pg_receivewal_sync walship_sync "walship/pgrw"
+        for f in tps latency_ms; do
+            b=$(median_of pg_receivewal_sync "$f"); c=$(median_of walship_sync "$f")
+            ratio=$(awk -v b="$b" -v c="$c" 'BEGIN { if (b == "null" || c == "null" || b == 0) print "-"; else printf "%.2f", c / b }')
+            printf '%-22s %18s %14s %12s\n' "$f" "$b" "$c" "$ratio"
+        done
+    fi
 } | tee "$WORK/table.txt"
 {
     printf '{"scale":%s,"seconds":%s,"runs":%s,"bootstrap":[' "$SCALE" "$SECONDS_PER_RUN" "$RUNS"
@@ -320,6 +487,8 @@ FIELDS=(tps flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_byte
     paste -sd, "$RESULTS"
     printf '],"replay":['
     paste -sd, "$REPLAY"
+    printf '],"catchup":['
+    paste -sd, "$CATCHUP"
     printf ']}\n'
 } > "$(cd "$ROOT" && realpath -m "$OUT")"
 say "raw numbers: $OUT"
