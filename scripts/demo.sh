@@ -153,7 +153,8 @@ check_running() {
     [ -z "$PGBENCH_PID" ] || alive "$PGBENCH_PID" || die "pgbench exited (see $WORK/pgbench.log)"
 }
 status_field() {  # FIELD: a field of 'wal-receiver status --json' (string or number)
-    "$BIN/wal-receiver" status --json --wal-dir "$WAL" 2>/dev/null \
+    # (the nested "standby" object, last in the JSON, has fields of the same names: cut it)
+    "$BIN/wal-receiver" status --json --wal-dir "$WAL" 2>/dev/null | sed -E 's/,"standby":.*$/}/' \
         | sed -nE "s/.*\"$1\":\"?([^\",}]*)\"?[,}].*/\1/p"
 }
 sender_listening() { alive "$SENDER_PID" || die "wal-sender exited (see $WORK/sender.log)"; grep -q "wal-sender listening" "$WORK/sender.log"; }

@@ -506,10 +506,19 @@ async fn stream(
 ) -> Result<Outcome> {
     let mut last_log = Instant::now();
     let mut last_msg = tokio::time::Instant::now();
-    let mut last_file = Instant::now() - STANDBY_FILE_INTERVAL;
+    let mut last_file = tokio::time::Instant::now() - STANDBY_FILE_INTERVAL;
+    // Feedback not yet written to the standby file (it is written at most once a second).
+    let mut unwritten: Option<Feedback> = None;
     let mut sent: Option<Message> = None;
     loop {
         let first = tokio::select! {
+            _ = tokio::time::sleep_until(last_file + STANDBY_FILE_INTERVAL), if unwritten.is_some() => {
+                if let Some(fb) = unwritten.take() {
+                    last_file = tokio::time::Instant::now();
+                    write_standby_file(wal_dir, &fb);
+                }
+                continue;
+            }
             r = tokio::time::timeout_at(last_msg + IDLE_TIMEOUT, rx.recv()) => r
                 .map_err(|_| anyhow!("no message from the sender for {IDLE_TIMEOUT:?}; assuming the connection is dead"))?
                 .ok_or_else(|| anyhow!("connection reader stopped"))?,
@@ -520,8 +529,11 @@ async fn stream(
                     sent = Some(m);
                 }
                 if !fb.connected || last_file.elapsed() >= STANDBY_FILE_INTERVAL {
-                    last_file = Instant::now();
+                    last_file = tokio::time::Instant::now();
                     write_standby_file(wal_dir, &fb);
+                    unwritten = None;
+                } else {
+                    unwritten = Some(fb);
                 }
                 continue;
             }
