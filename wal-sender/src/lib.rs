@@ -62,8 +62,6 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
             warn!(listen = %local, "wal-sender listening WITHOUT TLS on a non-loopback address (--insecure-listen): WAL and snapshots travel unencrypted and receivers are not authenticated")
         }
     }
-    let (sync_tx, sync_names) = tokio::sync::watch::channel(Vec::new());
-    tokio::spawn(session::watch_sync_names(pg.clone(), sync_tx));
     let session_cfg = SessionConfig {
         pg,
         zstd_level: cfg.zstd_level,
@@ -71,7 +69,6 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         pgdata: cfg.pgdata.clone(),
         batch_delay: cfg.batch_delay,
         handshake_timeout: cfg.handshake_timeout,
-        sync_names,
     };
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -42,10 +42,6 @@ pub struct SessionConfig {
     pub pgdata: Option<std::path::PathBuf>,
     /// How long a small run of WAL waits for more before it is sent.
     pub batch_delay: Duration,
-    /// The names in the primary's `synchronous_standby_names`, kept current by
-    /// [`watch_sync_names`]. A receiver named there gets no batch delay: the primary's
-    /// commits wait for it, so waiting for more WAL would only add to their latency.
-    pub sync_names: watch::Receiver<Vec<String>>,
     /// How long a receiver has for each step of the handshake (TLS, Hello, its request).
     pub handshake_timeout: Duration,
 }
@@ -362,19 +358,9 @@ async fn session(
     }
     info!(receiver = %name, %start_lsn, timeline, %slot, "streaming WAL");
     // PostgreSQL reports missing WAL only once streaming has begun.
-    stream(
-        pg,
-        rd,
-        dec,
-        out,
-        &name,
-        &slot,
-        start_lsn,
-        cfg.batch_delay,
-        cfg.sync_names.clone(),
-    )
-    .await
-    .map_err(|e| classify_pg_error(e, &slot, start_lsn))
+    stream(pg, rd, dec, out, &name, &slot, start_lsn, cfg.batch_delay)
+        .await
+        .map_err(|e| classify_pg_error(e, &slot, start_lsn))
 }
 
 /// Makes sure the slot exists and still protects WAL from `start_lsn`.
@@ -462,9 +448,6 @@ struct Upstream<'a> {
     /// A message read while coalescing that still has to be handled.
     pending: Option<CopyMessage>,
     batch_delay: Duration,
-    /// This receiver's name, and the primary's synchronous standby names.
-    name: String,
-    sync_names: watch::Receiver<Vec<String>>,
 }
 
 impl Upstream<'_> {
@@ -485,12 +468,7 @@ impl Upstream<'_> {
                 // and cost a wake-up on both sides, so a small run of WAL waits up to
                 // `batch_delay` for more. recv_copy is cancellation-safe: a message still
                 // arriving when the wait ends stays buffered for the next round.
-                let delay = if is_sync_name(&self.sync_names.borrow(), &self.name) {
-                    Duration::ZERO
-                } else {
-                    self.batch_delay
-                };
-                let deadline = tokio::time::Instant::now() + delay;
+                let deadline = tokio::time::Instant::now() + self.batch_delay;
                 while data.len() < MAX_BATCH {
                     let wait = if data.len() < SMALL_BATCH {
                         deadline.saturating_duration_since(tokio::time::Instant::now())
@@ -634,7 +612,6 @@ async fn stream(
     slot: &str,
     start_lsn: Lsn,
     batch_delay: Duration,
-    sync_names: watch::Receiver<Vec<String>>,
 ) -> Result<()> {
     // Acknowledgements arrive on their own task: frame reads are not cancellation-safe.
     let (ack_tx, mut ack_rx) = watch::channel((Lsn::INVALID, Lsn::INVALID));
@@ -679,8 +656,6 @@ async fn stream(
         raw_bytes: 0,
         pending: None,
         batch_delay,
-        name: name.to_owned(),
-        sync_names,
     };
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
     let result: Result<()> = loop {
@@ -892,88 +867,4 @@ async fn copy(
     info!(receiver = %name, %start_lsn, %stop_lsn, files = file_count, sent_bytes = sent, skipped_bytes = skipped,
           wire_bytes = out.wire_bytes, "backup sent");
     Ok(())
-}
-
-/// The standby names in a `synchronous_standby_names` value: `a, b`, `FIRST 2 (a, "B")`,
-/// `ANY 1 (a, b)` or `2 (a, b)`. Unquoted names are case-insensitive, as in PostgreSQL.
-pub fn parse_sync_names(value: &str) -> Vec<String> {
-    let v = value.trim();
-    let inner = match (v.find('('), v.rfind(')')) {
-        (Some(a), Some(b)) if a < b => &v[a + 1..b],
-        _ => v,
-    };
-    inner
-        .split(',')
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .map(
-            |n| match n.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
-                Some(quoted) => quoted.replace("\"\"", "\""),
-                None => n.to_ascii_lowercase(),
-            },
-        )
-        .collect()
-}
-
-/// Whether a receiver of this name is a synchronous standby candidate.
-pub fn is_sync_name(names: &[String], name: &str) -> bool {
-    names.iter().any(|n| n == name || n == "*")
-}
-
-/// Keeps `tx` current with the primary's `synchronous_standby_names`, read every few
-/// seconds over one SQL connection shared by all sessions. On any error the list is left
-/// as it was and the connection is opened again later.
-pub async fn watch_sync_names(pg: tokio_postgres::Config, tx: watch::Sender<Vec<String>>) {
-    const POLL: Duration = Duration::from_secs(2);
-    loop {
-        match pg.connect(tokio_postgres::NoTls).await {
-            Ok((client, connection)) => {
-                let conn = tokio::spawn(connection);
-                loop {
-                    match client
-                        .query_one("SHOW synchronous_standby_names", &[])
-                        .await
-                    {
-                        Ok(row) => {
-                            let names = parse_sync_names(row.get::<_, &str>(0));
-                            tx.send_if_modified(|cur| {
-                                let changed = *cur != names;
-                                if changed {
-                                    info!(?names, "synchronous_standby_names read: receivers named there get no batch delay");
-                                }
-                                *cur = names;
-                                changed
-                            });
-                        }
-                        Err(e) => {
-                            tracing::debug!("cannot read synchronous_standby_names: {e}");
-                            break;
-                        }
-                    }
-                    tokio::time::sleep(POLL).await;
-                }
-                conn.abort();
-            }
-            Err(e) => {
-                tracing::debug!("cannot open an SQL session to read synchronous_standby_names: {e}")
-            }
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-#[cfg(test)]
-mod sync_names_tests {
-    use super::*;
-
-    #[test]
-    fn synchronous_standby_names_forms() {
-        assert_eq!(parse_sync_names(""), Vec::<String>::new());
-        assert_eq!(parse_sync_names("sb1, SB2"), vec!["sb1", "sb2"]);
-        assert_eq!(parse_sync_names("FIRST 2 (a, \"B\")"), vec!["a", "B"]);
-        assert_eq!(parse_sync_names("ANY 1 (r1,r2)"), vec!["r1", "r2"]);
-        assert_eq!(parse_sync_names("2 (x, y)"), vec!["x", "y"]);
-        assert!(is_sync_name(&parse_sync_names("*"), "anyone"));
-        assert!(!is_sync_name(&parse_sync_names("a, b"), "c"));
-    }
 }
