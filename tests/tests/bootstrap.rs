@@ -199,6 +199,33 @@ fn bootstrap_refuses_a_non_empty_directory_and_another_clusters_wal_dir() -> Res
         !dir.join("sb2").exists(),
         "the target was created before the refusal"
     );
+
+    // An unfinished bootstrap of cluster one, resumed from cluster two: refused, untouched.
+    let half = dir.join("half");
+    postgres_dir(&half)?;
+    let one_id = one.sql("SELECT system_identifier FROM pg_control_system()")?;
+    std::fs::write(
+        half.join("walship-bootstrap.incomplete"),
+        format!("wal-receiver bootstrap in progress\nsystem_identifier={one_id}\n"),
+    )?;
+    std::fs::write(half.join("PG_VERSION"), b"15\n")?;
+    let mut boot = Proc::spawn(
+        bootstrap_cmd(&s2.addr, "rh", &half, &dir.join("wal-rh"), &[]),
+        dir.join("b3.log"),
+    )?;
+    assert_eq!(
+        boot.wait_exit()?.code(),
+        Some(4),
+        "{}",
+        tail(&boot.log_text(), 5)
+    );
+    assert!(
+        boot.log_text()
+            .contains(&format!("holds an unfinished bootstrap of system {one_id}")),
+        "{}",
+        tail(&boot.log_text(), 5)
+    );
+    assert_eq!(std::fs::read(half.join("PG_VERSION"))?, b"15\n");
     Ok(())
 }
 
