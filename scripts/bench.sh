@@ -403,10 +403,15 @@ if [[ " $PARTS " == *" catchup "* ]]; then
     done
 fi
 
-boot_median() {  # tool field link
-    { grep "\"tool\":\"$1\",\"link\":\"$3\"" "$BOOT" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
+# median FILE MATCH FIELD: the median of FIELD over the JSON lines of FILE that contain
+# MATCH; "null" when there is none.
+median() {
+    { grep -F "$2" "$1" || true; } | sed -E "s/.*\"$3\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
         | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
 }
+# ratio A B: B / A to two decimals, or "-" when either is missing or A is 0.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "null" || b == "null" || a == 0) print "-"; else printf "%.2f", b / a }'; }
+boot_median() { median "$BOOT" "\"tool\":\"$1\",\"link\":\"$3\"" "$2"; }  # tool field link
 if [ -s "$BOOT" ]; then
     for link in "${LINKS[@]}"; do
         grep -q "\"link\":\"$link\"" "$BOOT" || continue
@@ -415,57 +420,48 @@ if [ -s "$BOOT" ]; then
             printf '%-16s %16s %16s %14s\n' metric pg_basebackup walship "walship/pgbb"
             for f in wall_s client_cpu_s sender_cpu_s data_bytes wire_bytes; do
                 a=$(boot_median pg_basebackup "$f" "$link"); b=$(boot_median walship "$f" "$link")
-                ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { if (a == "null" || b == "null" || a == 0) print "-"; else printf "%.2f", b / a }')
+                ratio=$(ratio "$a" "$b")
                 printf '%-16s %16s %16s %14s\n' "$f" "$a" "$b" "$ratio"
             done
         } | tee -a "$WORK/bootstrap-table.txt"
     done
 fi
 
-catchup_median() {  # tool field
-    { grep "\"tool\":\"$1\"" "$CATCHUP" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
-        | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
-}
+catchup_median() { median "$CATCHUP" "\"tool\":\"$1\"" "$2"; }  # tool field
 if [ -s "$CATCHUP" ]; then
     {
         printf '\nCatch-up after an outage, about %s MB of WAL behind, median of %s runs\n\n' "$CATCHUP_MB" "$RUNS"
         printf '%-24s %16s %14s %14s\n' metric pg_receivewal walship "walship/pgrw"
         for f in backlog_bytes seconds mb_per_s receiver_cpu_s_per_gb sender_cpu_s_per_gb receiver_peak_rss_kb sender_peak_rss_kb; do
             a=$(catchup_median pg_receivewal "$f"); b=$(catchup_median walship "$f")
-            ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { if (a == "null" || b == "null" || a == 0) print "-"; else printf "%.2f", b / a }')
+            ratio=$(ratio "$a" "$b")
             printf '%-24s %16s %14s %14s\n' "$f" "$a" "$b" "$ratio"
         done
     } | tee "$WORK/catchup-table.txt"
 fi
 
-replay_median() {  # feed field
-    { grep "\"feed\":\"$1\"" "$REPLAY" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
-        | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
-}
+replay_median() { median "$REPLAY" "\"feed\":\"$1\"" "$2"; }  # feed field
 if [ -s "$REPLAY" ]; then
     {
         printf '\nCommit-to-visible lag on a standby, pgbench -c 4 -T %s, scale %s, median of %s runs\n\n' "$SECONDS_PER_RUN" "$SCALE" "$RUNS"
         printf '%-20s %14s %16s %14s %14s\n' metric native restore_command walship "walship/native"
         for f in visible_lag_ms_p50 visible_lag_ms_p99 tps; do
             a=$(replay_median native "$f"); b=$(replay_median restore_command "$f"); c=$(replay_median walship "$f")
-            ratio=$(awk -v a="$a" -v c="$c" 'BEGIN { if (a == "null" || c == "null" || a == 0) print "-"; else printf "%.2f", c / a }')
+            ratio=$(ratio "$a" "$c")
             printf '%-20s %14s %16s %14s %14s\n' "$f" "$a" "$b" "$c" "$ratio"
         done
     } | tee "$WORK/replay-table.txt"
 fi
 
 # Medians per setup, then ratios walship / pg_receivewal.
-median_of() {  # setup field
-    { grep "\"setup\":\"$1\"" "$RESULTS" || true; } | sed -E "s/.*\"$2\":([^,}]*).*/\1/" | { grep -v null || true; } | sort -g \
-        | awk '{a[NR]=$1} END {if (NR==0) print "null"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'
-}
+median_of() { median "$RESULTS" "\"setup\":\"$1\"" "$2"; }  # setup field
 FIELDS=(tps latency_ms flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_bytes_p99 wal_bytes raw_bytes wire_bytes)
 {
     printf '\nStreaming, pgbench -c 4 -T %s, scale %s, median of %s runs\n\n' "$SECONDS_PER_RUN" "$SCALE" "$RUNS"
     printf '%-22s %14s %14s %14s %12s\n' metric none pg_receivewal walship "walship/pgrw"
     for f in "${FIELDS[@]}"; do
         a=$(median_of none "$f"); b=$(median_of pg_receivewal "$f"); c=$(median_of walship "$f")
-        ratio=$(awk -v b="$b" -v c="$c" 'BEGIN { if (b == "null" || c == "null" || b == 0) print "-"; else printf "%.2f", c / b }')
+        ratio=$(ratio "$b" "$c")
         printf '%-22s %14s %14s %14s %12s\n' "$f" "$a" "$b" "$c" "$ratio"
     done
     raw=$(median_of walship raw_bytes); wire=$(median_of walship wire_bytes)
@@ -475,7 +471,7 @@ FIELDS=(tps latency_ms flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flu
         printf '%-22s %18s %14s %12s\n' metric pg_receivewal_sync walship_sync "walship/pgrw"
         for f in tps latency_ms; do
             b=$(median_of pg_receivewal_sync "$f"); c=$(median_of walship_sync "$f")
-            ratio=$(awk -v b="$b" -v c="$c" 'BEGIN { if (b == "null" || c == "null" || b == 0) print "-"; else printf "%.2f", c / b }')
+            ratio=$(ratio "$b" "$c")
             printf '%-22s %18s %14s %12s\n' "$f" "$b" "$c" "$ratio"
         done
     fi
