@@ -16,7 +16,7 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -120,15 +120,13 @@ const PROTOCOL_3: i32 = 196608;
 pub async fn start(addr: &ServeAddr, dir: &Path) -> Result<Feed> {
     let (view_tx, view_rx) = watch::channel(None);
     let (fb_tx, fb_rx) = watch::channel(Feedback::default());
-    let busy = Arc::new(AtomicBool::new(false));
     let ctx = Ctx {
         dir: dir.to_owned(),
         view: view_rx,
         feedback: Arc::new(fb_tx),
-        busy,
-        pid: Arc::new(AtomicU32::new(std::process::id())),
+        busy: Arc::new(AtomicBool::new(false)),
     };
-    match addr {
+    let listener = match addr {
         ServeAddr::Unix {
             dir: sock_dir,
             port,
@@ -140,48 +138,54 @@ pub async fn start(addr: &ServeAddr, dir: &Path) -> Result<Feed> {
             // Access is controlled by the directory's permissions, as for PostgreSQL's own
             // socket (unix_socket_permissions = 0777).
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
-            info!(socket = %path.display(), "serving the standby (PostgreSQL streaming replication)");
-            tokio::spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((s, _)) => {
-                            let ctx = ctx.clone();
-                            tokio::spawn(async move { ctx.connection(s).await });
-                        }
-                        Err(e) => {
-                            warn!("accept on the standby socket failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            });
+            Listener::Unix(listener)
         }
-        ServeAddr::Tcp(a) => {
-            let listener = TcpListener::bind(a)
+        ServeAddr::Tcp(a) => Listener::Tcp(
+            TcpListener::bind(a)
                 .await
-                .with_context(|| format!("listen on {a} for the standby"))?;
-            info!(listen = %a, "serving the standby (PostgreSQL streaming replication)");
-            tokio::spawn(async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((s, _)) => {
-                            let _ = s.set_nodelay(true);
-                            let ctx = ctx.clone();
-                            tokio::spawn(async move { ctx.connection(s).await });
-                        }
-                        Err(e) => {
-                            warn!("accept on the standby port failed: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
+                .with_context(|| format!("listen on {a} for the standby"))?,
+        ),
+    };
+    info!(address = %addr, "serving the standby (PostgreSQL streaming replication)");
+    let shown = addr.to_string();
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((rd, wr)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { ctx.connection(rd, wr).await });
                 }
-            });
+                Err(e) => {
+                    warn!(address = %shown, "accept for the standby failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
-    }
+    });
     Ok(Feed {
         view: view_tx,
         feedback: fb_rx,
     })
+}
+
+/// The standby's listener, on a Unix socket or on TCP.
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// The next connection, as plain read and write halves.
+    async fn accept(&self) -> std::io::Result<(Reader, Writer)> {
+        Ok(match self {
+            Listener::Unix(l) => tls::split(l.accept().await?.0),
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                tls::split(s)
+            }
+        })
+    }
 }
 
 /// A socket file left by a process that is gone is removed; one that answers is in use.
@@ -208,7 +212,6 @@ struct Ctx {
     feedback: Arc<watch::Sender<Feedback>>,
     /// A standby is being served.
     busy: Arc<AtomicBool>,
-    pid: Arc<AtomicU32>,
 }
 
 /// A message from the standby, after startup.
@@ -428,8 +431,7 @@ fn parse_start(words: &[&str]) -> Result<(Lsn, Option<u32>), String> {
 }
 
 impl Ctx {
-    async fn connection<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(mut self, s: S) {
-        let (mut rd, mut wr) = tls::split(s);
+    async fn connection(mut self, mut rd: Reader, mut wr: Writer) {
         let params =
             match tokio::time::timeout(Duration::from_secs(30), startup(&mut rd, &mut wr)).await {
                 Ok(Ok(Some(p))) => p,
@@ -516,7 +518,7 @@ impl Ctx {
             out.parameter(k, v);
         }
         let mut key = Vec::new();
-        key.extend_from_slice(&(self.pid.load(Ordering::Relaxed) as i32).to_be_bytes());
+        key.extend_from_slice(&(std::process::id() as i32).to_be_bytes());
         key.extend_from_slice(&0i32.to_be_bytes());
         out.msg(b'K', &key);
         out.ready();
