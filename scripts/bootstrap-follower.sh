@@ -18,7 +18,10 @@ the background and starts the standby. Run it on the new standby host, as root o
 OS user that will run PostgreSQL. As root, PostgreSQL and wal-receiver run as 'postgres'.
 
 Required:
-  --sender HOST:PORT          the wal-sender on the primary's host
+  --sender HOST:PORT          the wal-sender on the primary's host; repeat it to also list
+                              the senders of nodes that may become primary after a
+                              failover (see scripts/failover.sh): the receiver follows the
+                              primary on the highest timeline among them
   --name NAME                 this receiver's name ([a-z0-9_], at most 55 characters); the
                               primary keeps WAL for it in the replication slot walship_NAME
   --pgdata DIR                the standby's data directory; must be empty or absent, or
@@ -68,7 +71,7 @@ as_pg() { if $IS_ROOT; then runuser -u postgres -- "$@"; else "$@"; fi; }
 PG_USER="user $(id -un)" AS_PG=""
 ! $IS_ROOT || { PG_USER="the postgres user"; AS_PG="runuser -u postgres -- "; }
 
-SENDER="" NAME="" PGDATA_DIR="" PORT="" WAL_DIR="" SOCKET_DIR="" BIN="" DB_USER=postgres
+SENDERS=() NAME="" PGDATA_DIR="" PORT="" WAL_DIR="" SOCKET_DIR="" BIN="" DB_USER=postgres
 PG_BIN=/usr/lib/postgresql/15/bin
 TIMEOUT=300
 MAPPINGS=()
@@ -79,7 +82,7 @@ need_value() { if [ $# -lt 2 ] || [ -z "$2" ]; then die "$1 needs a value (see -
 while [ $# -gt 0 ]; do
     case $1 in
         -h|--help) usage; exit 0 ;;
-        --sender) need_value "$@"; SENDER=$2; shift 2 ;;
+        --sender) need_value "$@"; SENDERS+=("$2"); shift 2 ;;
         --name) need_value "$@"; NAME=$2; shift 2 ;;
         --pgdata) need_value "$@"; PGDATA_DIR=$2; shift 2 ;;
         --port) need_value "$@"; PORT=$2; shift 2 ;;
@@ -97,11 +100,16 @@ while [ $# -gt 0 ]; do
 done
 
 # --- checks -------------------------------------------------------------------------------
-[ -n "$SENDER" ] || die "--sender HOST:PORT is required (see --help)"
+[ ${#SENDERS[@]} -gt 0 ] || die "--sender HOST:PORT is required (see --help)"
+SENDER_ARGS=()
+for s in "${SENDERS[@]}"; do
+    [[ $s == *:* ]] || die "--sender must be HOST:PORT, got '$s'"
+    SENDER_ARGS+=(--sender "$s")
+done
+SENDER=${SENDERS[*]}
 [ -n "$NAME" ] || die "--name NAME is required (see --help)"
 [ -n "$PGDATA_DIR" ] || die "--pgdata DIR is required (see --help)"
 [ -n "$PORT" ] || die "--port PORT is required (see --help)"
-[[ $SENDER == *:* ]] || die "--sender must be HOST:PORT, got '$SENDER'"
 [[ $FEED == stream || $FEED == restore-command ]] || die "--standby-feed must be stream or restore-command, got '$FEED'"
 [[ $NAME =~ ^[a-z0-9_]{1,55}$ ]] || die "--name must be 1 to 55 characters of [a-z0-9_], got '$NAME'"
 if ! [[ $PORT =~ ^[0-9]{1,5}$ ]] || [ "$PORT" -lt 1 ] || [ "$PORT" -gt 65535 ]; then
@@ -209,7 +217,7 @@ if $IS_ROOT; then
 fi
 
 # --- 1. bootstrap --------------------------------------------------------------------------
-BOOT_ARGS=(bootstrap --sender "$SENDER" --name "$NAME" --pgdata "$PGDATA_DIR" --wal-dir "$WAL_DIR")
+BOOT_ARGS=(bootstrap "${SENDER_ARGS[@]}" --name "$NAME" --pgdata "$PGDATA_DIR" --wal-dir "$WAL_DIR")
 for m in "${MAPPINGS[@]+"${MAPPINGS[@]}"}"; do BOOT_ARGS+=(--tablespace-mapping "$m"); done
 BOOT_ARGS+=("${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" --standby-feed "$FEED")
 # With the streaming feed, follow serves the standby on a socket in the WAL store, which is
@@ -255,12 +263,12 @@ restore_cmd=$(grep -h "^[[:space:]]*restore_command" "$PGDATA_DIR/postgresql.aut
 say "starting wal-receiver follow in the background (log $FOLLOW_LOG)"
 if $IS_ROOT; then
     nohup runuser -u postgres -- sh -c 'echo $$ >&3; exec 3>&-; exec "$@"' sh \
-        "$RECEIVER" follow --sender "$SENDER" --name "$NAME" --wal-dir "$WAL_DIR" \
+        "$RECEIVER" follow "${SENDER_ARGS[@]}" --name "$NAME" --wal-dir "$WAL_DIR" \
         "${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" "${SERVE_ARGS[@]+"${SERVE_ARGS[@]}"}" \
         3>"$FOLLOW_PID" >>"$FOLLOW_LOG" 2>&1 </dev/null &
 else
     nohup sh -c 'echo $$ >&3; exec 3>&-; exec "$@"' sh \
-        "$RECEIVER" follow --sender "$SENDER" --name "$NAME" --wal-dir "$WAL_DIR" \
+        "$RECEIVER" follow "${SENDER_ARGS[@]}" --name "$NAME" --wal-dir "$WAL_DIR" \
         "${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" "${SERVE_ARGS[@]+"${SERVE_ARGS[@]}"}" \
         3>"$FOLLOW_PID" >>"$FOLLOW_LOG" 2>&1 </dev/null &
 fi
@@ -354,5 +362,5 @@ To stop it:
   ${AS_PG}$PG_BIN/pg_ctl -D $PGDATA_DIR stop
   kill \$(cat $FOLLOW_PID)        # SIGTERM: wal-receiver flushes and exits
 To start the receiver again (it resumes where it stopped):
-  nohup ${AS_PG}$RECEIVER follow --sender $SENDER --name $NAME --wal-dir $WAL_DIR${TLS_ARGS[*]+ ${TLS_ARGS[*]}}${SERVE_ARGS[*]+ ${SERVE_ARGS[*]}} >>$FOLLOW_LOG 2>&1 &
+  nohup ${AS_PG}$RECEIVER follow ${SENDER_ARGS[*]} --name $NAME --wal-dir $WAL_DIR${TLS_ARGS[*]+ ${TLS_ARGS[*]}}${SERVE_ARGS[*]+ ${SERVE_ARGS[*]}} >>$FOLLOW_LOG 2>&1 &
 EOF

@@ -6,6 +6,7 @@
 //! - [`protocol`]: the walship messages and the handshake.
 //! - [`durable`]: crash-safe file writes.
 //! - [`logging`]: tracing set-up shared by both binaries.
+//! - [`timeline`]: timeline history files.
 //! - [`tls`]: TLS configuration and the plain-or-TLS stream halves.
 
 pub mod durable;
@@ -14,6 +15,7 @@ pub mod logging;
 pub mod lsn;
 pub mod protocol;
 pub mod segment;
+pub mod timeline;
 pub mod tls;
 
 pub use lsn::Lsn;

@@ -4,10 +4,15 @@
 //! ```text
 //! receiver                         sender
 //!   Hello{version,name} ------------>
-//!   <------------ ServerInfo{version,system_id,timeline,seg_size,flush_lsn,server_version}
+//!   <------------ ServerInfo{version,system_id,timeline,seg_size,flush_lsn,server_version,
+//!                            in_recovery}
+//!   GetHistory{timeline} ----------->       (any number, before StartStream)
+//!   <------------ History{timeline,content}
 //!   StartStream{start_lsn,timeline} ->       (sender ensures slot walship_<name>, starts
 //!   <------------ WalData / Keepalive         replication from start_lsn on that slot)
 //!   Ack{write_lsn,flush_lsn} ------->       (reported upstream as the standby's flush)
+//!   <------------ EndOfTimeline{next_timeline,switch_lsn}   (a historic timeline was
+//!                                            streamed to its end; the session ends)
 //!   <------------ Error{code,message}        (either side may end with an error)
 //! ```
 //! A bootstrap session (`Hello.mode == Bootstrap`) continues after `ServerInfo` with:
@@ -28,7 +33,7 @@ use crate::frame::{Frame, FrameEncoder, FrameError};
 use crate::lsn::Lsn;
 
 /// The protocol version this build speaks. Peers with another version are refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Longest string field (names, messages, versions).
 pub const MAX_STRING_LEN: usize = 4096;
 /// Longest long-string field (backup_label, tablespace_map).
@@ -62,6 +67,9 @@ pub enum Kind {
     FileEnd = 15,
     BackupEnd = 16,
     StandbyFeedback = 17,
+    GetHistory = 18,
+    History = 19,
+    EndOfTimeline = 20,
 }
 
 impl Kind {
@@ -85,6 +93,9 @@ impl Kind {
             15 => FileEnd,
             16 => BackupEnd,
             17 => StandbyFeedback,
+            18 => GetHistory,
+            19 => History,
+            20 => EndOfTimeline,
             _ => return None,
         })
     }
@@ -152,6 +163,23 @@ pub enum Message {
         seg_size: u32,
         flush_lsn: Lsn,
         server_version: String,
+        /// The server is a standby (in recovery), not a primary.
+        in_recovery: bool,
+    },
+    /// Asks for timeline `timeline`'s history file.
+    GetHistory {
+        timeline: u32,
+    },
+    /// A timeline history file, as PostgreSQL wrote it.
+    History {
+        timeline: u32,
+        content: Vec<u8>,
+    },
+    /// The timeline being streamed ended at `switch_lsn`; `next_timeline` follows it. All
+    /// WAL up to `switch_lsn` was sent before this.
+    EndOfTimeline {
+        next_timeline: u32,
+        switch_lsn: Lsn,
     },
     StartStream {
         start_lsn: Lsn,
@@ -266,6 +294,9 @@ impl Message {
             Message::Keepalive { .. } => Kind::Keepalive,
             Message::Ack { .. } => Kind::Ack,
             Message::StandbyFeedback { .. } => Kind::StandbyFeedback,
+            Message::GetHistory { .. } => Kind::GetHistory,
+            Message::History { .. } => Kind::History,
+            Message::EndOfTimeline { .. } => Kind::EndOfTimeline,
             Message::Error { .. } => Kind::Error,
             Message::Have { .. } => Kind::Have,
             Message::StartBackup => Kind::StartBackup,
@@ -300,6 +331,7 @@ impl Message {
                 seg_size,
                 flush_lsn,
                 server_version,
+                in_recovery,
             } => {
                 p.extend_from_slice(&version.to_le_bytes());
                 p.extend_from_slice(&system_id.to_le_bytes());
@@ -307,6 +339,19 @@ impl Message {
                 p.extend_from_slice(&seg_size.to_le_bytes());
                 p.extend_from_slice(&flush_lsn.0.to_le_bytes());
                 put_str(&mut p, server_version);
+                p.push(*in_recovery as u8);
+            }
+            Message::GetHistory { timeline } => p.extend_from_slice(&timeline.to_le_bytes()),
+            Message::History { timeline, content } => {
+                p.extend_from_slice(&timeline.to_le_bytes());
+                put_long_bytes(&mut p, content);
+            }
+            Message::EndOfTimeline {
+                next_timeline,
+                switch_lsn,
+            } => {
+                p.extend_from_slice(&next_timeline.to_le_bytes());
+                p.extend_from_slice(&switch_lsn.0.to_le_bytes());
             }
             Message::StartStream {
                 start_lsn,
@@ -440,6 +485,20 @@ impl Message {
                 seg_size: r.u32()?,
                 flush_lsn: Lsn(r.u64()?),
                 server_version: r.str()?,
+                in_recovery: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(malformed("bad in_recovery flag")),
+                },
+            },
+            Kind::GetHistory => Message::GetHistory { timeline: r.u32()? },
+            Kind::History => Message::History {
+                timeline: r.u32()?,
+                content: r.long_bytes()?.to_vec(),
+            },
+            Kind::EndOfTimeline => Message::EndOfTimeline {
+                next_timeline: r.u32()?,
+                switch_lsn: Lsn(r.u64()?),
             },
             Kind::StartStream => Message::StartStream {
                 start_lsn: Lsn(r.u64()?),
@@ -569,7 +628,11 @@ impl Message {
 }
 
 fn put_long_str(p: &mut Vec<u8>, s: &str) {
-    let s = &s.as_bytes()[..s.len().min(MAX_LONG_STRING_LEN)];
+    put_long_bytes(p, s.as_bytes());
+}
+
+fn put_long_bytes(p: &mut Vec<u8>, s: &[u8]) {
+    let s = &s[..s.len().min(MAX_LONG_STRING_LEN)];
     p.extend_from_slice(&(s.len() as u32).to_le_bytes());
     p.extend_from_slice(s);
 }
@@ -599,6 +662,16 @@ impl<'a> Reader<'a> {
     }
     fn u8(&mut self) -> Result<u8, ProtocolError> {
         Ok(self.take(1)?[0])
+    }
+    fn long_bytes(&mut self) -> Result<&'a [u8], ProtocolError> {
+        let len = self.u32()? as usize;
+        if len > MAX_LONG_STRING_LEN {
+            return Err(ProtocolError::Malformed {
+                kind: self.kind,
+                why: "field too long",
+            });
+        }
+        self.take(len)
     }
     fn long_str(&mut self) -> Result<String, ProtocolError> {
         let len = self.u32()? as usize;
@@ -658,6 +731,16 @@ mod tests {
                 seg_size: 16 << 20,
                 flush_lsn: Lsn(0x23004A50),
                 server_version: "15.18".into(),
+                in_recovery: true,
+            },
+            Message::GetHistory { timeline: 2 },
+            Message::History {
+                timeline: 2,
+                content: b"1\t0/23023FA0\tno recovery target specified\n".to_vec(),
+            },
+            Message::EndOfTimeline {
+                next_timeline: 2,
+                switch_lsn: Lsn(0x23023FA0),
             },
             Message::StartStream {
                 start_lsn: Lsn(0x23000000),

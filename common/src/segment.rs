@@ -32,6 +32,8 @@ pub struct WalSegSize(u64);
 impl WalSegSize {
     pub const MIN: u64 = 1 << 20;
     pub const MAX: u64 = 1 << 30;
+    /// PostgreSQL's default, 16 MiB.
+    pub const DEFAULT: WalSegSize = WalSegSize(16 << 20);
 
     /// Accepts only the sizes PostgreSQL allows.
     pub fn new(bytes: u64) -> Option<WalSegSize> {

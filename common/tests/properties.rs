@@ -55,16 +55,34 @@ fn message() -> impl Strategy<Value = Message> {
                 mode: if b { Mode::Bootstrap } else { Mode::Follow },
             }
         }),
-        (any::<u64>(), any::<u32>(), any::<u32>(), lsn(), text()).prop_map(
-            |(system_id, timeline, seg_size, flush_lsn, server_version)| Message::ServerInfo {
-                version: PROTOCOL_VERSION,
-                system_id,
-                timeline,
-                seg_size,
-                flush_lsn,
-                server_version,
-            }
-        ),
+        (
+            any::<u64>(),
+            any::<u32>(),
+            any::<u32>(),
+            lsn(),
+            text(),
+            any::<bool>()
+        )
+            .prop_map(
+                |(system_id, timeline, seg_size, flush_lsn, server_version, in_recovery)| {
+                    Message::ServerInfo {
+                        version: PROTOCOL_VERSION,
+                        system_id,
+                        timeline,
+                        seg_size,
+                        flush_lsn,
+                        server_version,
+                        in_recovery,
+                    }
+                }
+            ),
+        any::<u32>().prop_map(|timeline| Message::GetHistory { timeline }),
+        (any::<u32>(), proptest::collection::vec(any::<u8>(), 0..200))
+            .prop_map(|(timeline, content)| Message::History { timeline, content }),
+        (any::<u32>(), lsn()).prop_map(|(next_timeline, switch_lsn)| Message::EndOfTimeline {
+            next_timeline,
+            switch_lsn
+        }),
         (lsn(), any::<u32>()).prop_map(|(start_lsn, timeline)| Message::StartStream {
             start_lsn,
             timeline

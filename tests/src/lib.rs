@@ -294,6 +294,18 @@ impl Pg {
         Ok(())
     }
 
+    /// `pg_ctl promote`: the standby becomes a primary on a new timeline.
+    pub fn promote(&self) -> Result<()> {
+        self.ctl(&["promote", "-w", "-t", "120"]).map(|_| ())
+    }
+
+    /// `pg_ctl stop -m immediate`: a crash, as far as the server's WAL is concerned.
+    pub fn stop_immediate(&mut self) -> Result<()> {
+        self.ctl(&["stop", "-m", "immediate", "-w", "-t", "120"])?;
+        self.running = false;
+        Ok(())
+    }
+
     /// Starts a stopped server again with the same settings as before.
     pub fn start(&mut self) -> Result<()> {
         let opts = format!(
@@ -786,6 +798,68 @@ pub fn verify_wal(wal_dir: &Path, from: Lsn, scratch: &Path) -> Result<usize> {
         .count();
     fs::remove_dir_all(scratch)?;
     Ok(records)
+}
+
+/// Reads the store's WAL of timeline `tli` from `from` to `to` with `pg_waldump -t tli`:
+/// segments through `restore-wal`, and an old timeline's last segment from its `.partial`
+/// (which `restore-wal` does not serve, as PostgreSQL's archive does not). Returns the
+/// number of records.
+pub fn verify_timeline(
+    wal_dir: &Path,
+    tli: TimelineId,
+    from: Lsn,
+    to: Lsn,
+    scratch: &Path,
+) -> Result<usize> {
+    let st = status_json(wal_dir)?;
+    let seg = WalSegSize::new(st["segment_size"].as_u64().unwrap_or(0))
+        .ok_or_else(|| anyhow!("segment size"))?;
+    fs::create_dir_all(scratch)?;
+    for segno in seg.segment_of(from).0..=seg.segment_of(Lsn(to.0.saturating_sub(1))).0 {
+        let name = WalFileName::Segment {
+            timeline: tli,
+            segno: SegmentNo(segno),
+        }
+        .to_name(seg);
+        let mut c = Command::new(bin("wal-receiver"));
+        c.args(["restore-wal", "--wal-dir"])
+            .arg(wal_dir)
+            .arg(&name)
+            .arg(scratch.join(&name));
+        if run(c).is_err() {
+            let partial = wal_dir.join(format!("{name}.partial"));
+            fs::copy(&partial, scratch.join(&name)).with_context(|| {
+                format!("neither restore-wal nor {} has {name}", partial.display())
+            })?;
+        }
+    }
+    let out = Command::new(pg_tool("pg_waldump"))
+        .arg("-p")
+        .arg(scratch)
+        .args([
+            "-t",
+            &tli.0.to_string(),
+            "--start",
+            &from.to_string(),
+            "--end",
+            &to.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || stderr.contains("error") {
+        bail!(
+            "pg_waldump -t {} failed over {from}..{to}: {}",
+            tli.0,
+            tail(&stderr, 5)
+        );
+    }
+    fs::remove_dir_all(scratch)?;
+    Ok(out
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| l.starts_with(b"rmgr:"))
+        .count())
 }
 
 /// A TCP proxy from a local port to `target`; [`Proxy::cut`] drops every open connection.

@@ -209,6 +209,7 @@ fn fake_snapshot_sender(listener: TcpListener, messages: Vec<Message>) -> Result
         seg_size: 16 << 20,
         flush_lsn: Lsn(0x300_0000),
         server_version: "15.0".into(),
+        in_recovery: false,
     }
     .encode(&mut enc, &mut out)?;
     s.write_all(&out)?;

@@ -357,6 +357,7 @@ fn receiver_rejects_corrupt_truncated_and_oversized_frames() -> Result<()> {
                 seg_size: 16 << 20,
                 flush_lsn: Lsn(0x300_5000),
                 server_version: "fake".into(),
+                in_recovery: false,
             }
             .encode(&mut enc, &mut out)?;
             s.write_all(&out)?;

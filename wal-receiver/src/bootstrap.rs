@@ -50,7 +50,8 @@ const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(15);
 const RETRY_INTERVAL: &str = "200ms";
 
 pub struct BootstrapConfig {
-    pub sender: String,
+    /// The senders to choose from, as for `follow`.
+    pub senders: Vec<String>,
     pub name: String,
     pub pgdata: PathBuf,
     pub wal_dir: PathBuf,
@@ -132,7 +133,7 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
     // WAL from the start LSN through the stop LSN, into the store.
     check_store_covers(&wal_dir, snap.start_lsn)?;
     follow::follow(FollowConfig {
-        sender: cfg.sender.clone(),
+        senders: cfg.senders.clone(),
         name: cfg.name.clone(),
         wal_dir: wal_dir.clone(),
         start_lsn: Some(snap.start_lsn),
@@ -184,8 +185,14 @@ async fn snapshot(
         Vec::new()
     };
 
-    let mut conn =
-        follow::connect(&cfg.sender, &cfg.name, Mode::Bootstrap, cfg.tls.as_ref()).await?;
+    let (_, mut conn) = follow::choose(
+        &cfg.senders,
+        &cfg.name,
+        Mode::Bootstrap,
+        cfg.tls.as_ref(),
+        None,
+    )
+    .await?;
     if let Some(st) = read_state(wal_dir).map_err(follow::store_fatal)? {
         check_same_cluster(&st, &conn.info, wal_dir)?;
     }

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use walship_common::frame::{FrameDecoder, FrameEncoder};
 use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL_VERSION};
+use walship_common::timeline::History;
 use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, TimelineId, WalSegSize};
 
@@ -42,7 +43,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 const STANDBY_FILE_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct FollowConfig {
-    pub sender: String,
+    /// The senders to choose from (see [`choose`]); at least one.
+    pub senders: Vec<String>,
     pub name: String,
     pub wal_dir: PathBuf,
     pub start_lsn: Option<Lsn>,
@@ -128,8 +130,13 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
         match result {
             // Never touch the store after a fatal error: a failed fsync is not retried.
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
-            Err(e) => warn!(sender = %cfg.sender, "{e:#}; reconnecting in {backoff:?}"),
+            Err(e) => warn!("{e:#}; reconnecting in {backoff:?}"),
             Ok(Outcome::Reached) => break,
+            Ok(Outcome::TimelineEnded) => {
+                publish(feed.as_ref(), &store);
+                backoff = BACKOFF_MIN;
+                continue;
+            }
         }
         // WAL written before the failure was verified and is contiguous: make it durable, so
         // the next session resumes exactly where the store ends.
@@ -196,6 +203,8 @@ pub struct ServerInfo {
     pub flush_lsn: Lsn,
     /// PostgreSQL major version, from the server's version string (0 if unreadable).
     pub pg_version: u32,
+    /// The server is a standby, not a primary.
+    pub in_recovery: bool,
 }
 
 /// An open connection to a sender, past the handshake.
@@ -266,6 +275,7 @@ pub async fn connect(
             seg_size,
             flush_lsn,
             server_version,
+            in_recovery,
         } => {
             if version != PROTOCOL_VERSION {
                 return Err(Fatal { code: exit::MISMATCH, message: format!("sender speaks walship protocol {version}, this receiver {PROTOCOL_VERSION}") }.into());
@@ -274,8 +284,9 @@ pub async fn connect(
                 code: exit::MISMATCH,
                 message: format!("sender reports an invalid WAL segment size {seg_size}"),
             })?;
-            info!(system_id, timeline, %flush_lsn, %server_version, "connected to sender");
+            info!(%sender, system_id, timeline, %flush_lsn, %server_version, in_recovery, "connected to sender");
             ServerInfo {
+                in_recovery,
                 pg_version: pg_major_version(&server_version),
                 system_id,
                 timeline: TimelineId(timeline),
@@ -334,13 +345,166 @@ pub fn check_same_cluster(
         }
         .into());
     }
-    if st.timeline != info.timeline {
-        return Err(Fatal { code: exit::MISMATCH, message: format!(
-            "the primary is on timeline {} but the store holds timeline {}; following a timeline switch is not supported yet",
-            info.timeline, st.timeline
-        ) }.into());
-    }
     Ok(())
+}
+
+/// A sender as [`choose`] sees it.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub sender: String,
+    pub timeline: TimelineId,
+    pub in_recovery: bool,
+}
+
+/// Picks the sender to follow among several: the one whose server is a primary on the
+/// highest timeline, never one below `store_timeline`. `Err` says why none can be chosen;
+/// the caller waits and asks again. Two primaries on the highest timeline are refused: only
+/// a timeline can tell which one is the true leader.
+pub fn pick(cands: &[Candidate], store_timeline: Option<TimelineId>) -> Result<usize, String> {
+    let describe = |c: &Candidate| {
+        format!(
+            "{} ({} on timeline {})",
+            c.sender,
+            if c.in_recovery { "standby" } else { "primary" },
+            c.timeline.0
+        )
+    };
+    let primaries: Vec<usize> = (0..cands.len())
+        .filter(|&i| !cands[i].in_recovery)
+        .collect();
+    let Some(top) = primaries.iter().map(|&i| cands[i].timeline).max() else {
+        let seen: Vec<String> = cands.iter().map(describe).collect();
+        return Err(format!(
+            "no sender reports a primary (reachable: {}); waiting for one",
+            if seen.is_empty() {
+                "none".to_owned()
+            } else {
+                seen.join(", ")
+            }
+        ));
+    };
+    let at_top: Vec<usize> = primaries
+        .iter()
+        .copied()
+        .filter(|&i| cands[i].timeline == top)
+        .collect();
+    if at_top.len() > 1 {
+        let names: Vec<String> = at_top.iter().map(|&i| describe(&cands[i])).collect();
+        return Err(format!(
+            "SPLIT BRAIN: {} all claim to be primary on timeline {}; following none of them until one can be chosen by timeline. Stop all but one",
+            names.join(", "),
+            top.0
+        ));
+    }
+    if let Some(st) = store_timeline {
+        if top < st {
+            return Err(format!(
+                "the only primary, {}, is on timeline {}, below this store's timeline {}: it is on an older history (an old primary started again?); not following it",
+                describe(&cands[at_top[0]]),
+                top.0,
+                st.0
+            ));
+        }
+    }
+    if primaries.len() > 1 {
+        let names: Vec<String> = primaries.iter().map(|&i| describe(&cands[i])).collect();
+        warn!(
+            "SEVERAL PRIMARIES: {}; following {}, the one on the highest timeline",
+            names.join(", "),
+            cands[at_top[0]].sender
+        );
+    }
+    Ok(at_top[0])
+}
+
+/// Connects to the sender to follow. With one sender that is the one; with several, every
+/// sender is asked and [`pick`] chooses.
+pub async fn choose(
+    senders: &[String],
+    name: &str,
+    mode: Mode,
+    tls_client: Option<&TlsClient>,
+    store_timeline: Option<TimelineId>,
+) -> Result<(String, Connection)> {
+    if let [only] = senders {
+        return Ok((only.clone(), connect(only, name, mode, tls_client).await?));
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for (i, sender) in senders.iter().enumerate() {
+        let (sender, name, tls) = (sender.clone(), name.to_owned(), tls_client.cloned());
+        set.spawn(async move { (i, connect(&sender, &name, mode, tls.as_ref()).await) });
+    }
+    let mut conns: Vec<(usize, Connection)> = Vec::new();
+    let mut fatal = None;
+    while let Some(joined) = set.join_next().await {
+        let (i, result) = joined?;
+        match result {
+            Ok(c) => conns.push((i, c)),
+            Err(e) => {
+                warn!(sender = %senders[i], "{e:#}");
+                if e.downcast_ref::<Fatal>().is_some() {
+                    fatal = Some(e);
+                }
+            }
+        }
+    }
+    if conns.is_empty() {
+        return Err(fatal.unwrap_or_else(|| anyhow!("no sender is reachable")));
+    }
+    conns.sort_by_key(|(i, _)| *i);
+    let cands: Vec<Candidate> = conns
+        .iter()
+        .map(|(i, c)| Candidate {
+            sender: senders[*i].clone(),
+            timeline: c.info.timeline,
+            in_recovery: c.info.in_recovery,
+        })
+        .collect();
+    match pick(&cands, store_timeline) {
+        Ok(k) => {
+            let (i, conn) = conns.swap_remove(k);
+            info!(sender = %senders[i], timeline = conn.info.timeline.0, "following this sender's primary");
+            Ok((senders[i].clone(), conn))
+        }
+        Err(why) => {
+            tracing::error!("{why}");
+            Err(anyhow!("{why}"))
+        }
+    }
+}
+
+/// Refuses to mix histories: the store at `timeline`, flushed to `flush`, may follow the
+/// history `hist` only if it holds nothing past the point where `hist` left its timeline.
+fn check_not_diverged(
+    timeline: TimelineId,
+    flush: Lsn,
+    hist: &History,
+    sender: &str,
+) -> Result<(Lsn, TimelineId)> {
+    let Some((switch, next)) = hist.switch_from(timeline) else {
+        return Err(Fatal {
+            code: exit::DIVERGED,
+            message: format!(
+                "the sender {sender} is on timeline {}, whose history does not contain this store's timeline {}: the histories diverged. Bootstrap this receiver again from the new primary",
+                hist.of.0, timeline.0
+            ),
+        }
+        .into());
+    };
+    if flush > switch {
+        return Err(Fatal {
+            code: exit::DIVERGED,
+            message: format!(
+                "this store holds WAL on timeline {} up to {flush}, but timeline {} forked from it at {switch} (the fork LSN): {} bytes past the fork are on a history the new primary does not have. Refusing to follow timeline {}; bootstrap this receiver again ('wal-receiver bootstrap' into a new --wal-dir and data directory)",
+                timeline.0,
+                next.0,
+                flush.saturating_sub(switch),
+                hist.of.0
+            ),
+        }
+        .into());
+    }
+    Ok((switch, next))
 }
 
 /// One connection: handshake, then receive, store, flush and acknowledge until it fails,
@@ -412,12 +576,23 @@ async fn session(
     cfg: &FollowConfig,
     feed: Option<&mut Feed>,
 ) -> Result<Outcome> {
-    let Connection {
-        mut rd,
-        mut link,
-        mut dec,
-        info,
-    } = connect(&cfg.sender, &cfg.name, Mode::Follow, cfg.tls.as_ref()).await?;
+    let store_timeline = store.state().map(|s| s.timeline);
+    let (
+        sender,
+        Connection {
+            mut rd,
+            mut link,
+            mut dec,
+            info,
+        },
+    ) = choose(
+        &cfg.senders,
+        &cfg.name,
+        Mode::Follow,
+        cfg.tls.as_ref(),
+        store_timeline,
+    )
+    .await?;
     let (system_id, timeline, seg_size, server_flush_lsn) =
         (info.system_id, info.timeline, info.seg_size, info.flush_lsn);
     match store.state() {
@@ -434,6 +609,19 @@ async fn session(
             info!(%start_lsn, "initialised empty WAL store");
         }
     }
+    let store_timeline = store.state().map(|s| s.timeline).unwrap_or(timeline);
+    if timeline < store_timeline {
+        bail!(
+            "the sender {sender} serves timeline {}, below this store's timeline {}: its server is on an older history (an old primary started again?); not following it",
+            timeline.0,
+            store_timeline.0
+        );
+    }
+    if timeline > store_timeline {
+        follow_history(store, &sender, timeline, &mut link, &mut dec, &mut rd).await?;
+        publish(feed.as_deref(), store);
+    }
+    let timeline = store.state().map(|s| s.timeline).unwrap_or(timeline);
     let start_lsn = store.flush_lsn();
     if cfg.until.is_some_and(|until| start_lsn >= until) {
         return Ok(Outcome::Reached);
@@ -492,6 +680,84 @@ async fn session(
 enum Outcome {
     /// The store reached the position it was asked to reach.
     Reached,
+    /// The timeline streamed ended; the next session continues on the next one.
+    TimelineEnded,
+}
+
+/// Brings the store onto the sender's `timeline`: fetches the history files the store
+/// lacks, refuses a history that diverged from the store's, stores them durably, and
+/// switches the store's timeline at every switch point it has already reached. The store
+/// may stay on an older timeline whose end it has not reached yet; the stream then
+/// delivers the rest of it and ends with `EndOfTimeline`.
+async fn follow_history(
+    store: &mut Store,
+    sender: &str,
+    timeline: TimelineId,
+    link: &mut Link,
+    dec: &mut FrameDecoder,
+    rd: &mut Reader,
+) -> Result<()> {
+    let from = store.state().map(|s| s.timeline.0).unwrap_or(timeline.0);
+    let mut files = Vec::new();
+    for t in from + 1..=timeline.0 {
+        link.send(&Message::GetHistory { timeline: t }).await?;
+        let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, dec.read_frame(rd))
+            .await
+            .map_err(|_| anyhow!("the sender did not send the history of timeline {t}"))??
+            .ok_or_else(|| anyhow!("sender closed the connection"))?;
+        match Message::decode(&frame)? {
+            Message::History {
+                timeline: got,
+                content,
+            } if got == t => {
+                let parsed = History::parse(TimelineId(t), &content).map_err(|why| {
+                    anyhow!("the sender {sender} sent an unusable history file: {why}")
+                })?;
+                files.push((TimelineId(t), content, parsed));
+            }
+            Message::Error { code, message } => return Err(sender_error(code, message)),
+            other => bail!(
+                "expected the history of timeline {t}, got {:?}",
+                other.kind()
+            ),
+        }
+    }
+    let hist = &files
+        .last()
+        .expect("at least one timeline above the store's")
+        .2;
+    let st = store.state().expect("initialised").clone();
+    // Refuse before anything of the new history is stored.
+    check_not_diverged(st.timeline, store.flush_lsn(), hist, sender)?;
+    for (t, content, _) in &files {
+        tokio::task::block_in_place(|| store.save_history(*t, content)).map_err(store_fatal)?;
+    }
+    loop {
+        let st = store.state().expect("initialised").clone();
+        if st.timeline == timeline {
+            return Ok(());
+        }
+        let (switch, next) = check_not_diverged(st.timeline, store.flush_lsn(), hist, sender)?;
+        if store.flush_lsn() < switch {
+            info!(
+                timeline = st.timeline.0,
+                from = %store.flush_lsn(),
+                to = %switch,
+                "fetching the rest of timeline {} before switching to timeline {}",
+                st.timeline.0,
+                next.0
+            );
+            return Ok(());
+        }
+        tokio::task::block_in_place(|| store.switch_timeline(next, switch)).map_err(store_fatal)?;
+        warn!(
+            from_timeline = st.timeline.0,
+            to_timeline = next.0,
+            %switch,
+            "timeline switch: the store continues on timeline {} from {switch}",
+            next.0
+        );
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -510,6 +776,7 @@ async fn stream(
     // Feedback not yet written to the standby file (it is written at most once a second).
     let mut unwritten: Option<Feedback> = None;
     let mut sent: Option<Message> = None;
+    let mut ended = None;
     loop {
         let first = tokio::select! {
             _ = tokio::time::sleep_until(last_file + STANDBY_FILE_INTERVAL), if unwritten.is_some() => {
@@ -561,6 +828,20 @@ async fn stream(
                 Message::Keepalive {
                     server_flush_lsn: sf,
                 } => server_flush_lsn = server_flush_lsn.max(sf),
+                Message::EndOfTimeline {
+                    next_timeline,
+                    switch_lsn,
+                } => {
+                    if switch_lsn != store.write_lsn() {
+                        bail!(
+                            "the sender ended the timeline at {switch_lsn}, but sent WAL up to {}",
+                            store.write_lsn()
+                        );
+                    }
+                    info!(%switch_lsn, next_timeline, "the sender reached the end of the timeline");
+                    ended = Some(next_timeline);
+                    break;
+                }
                 Message::Error { code, message } => return Err(sender_error(code, message)),
                 other => bail!("unexpected {:?} message from sender", other.kind()),
             }
@@ -602,6 +883,9 @@ async fn stream(
                 return Ok(Outcome::Reached);
             }
         }
+        if ended.is_some() {
+            return Ok(Outcome::TimelineEnded);
+        }
         if last_log.elapsed() >= PROGRESS_INTERVAL {
             last_log = Instant::now();
             let flush_lsn = store.flush_lsn();
@@ -632,6 +916,7 @@ mod tests {
             seg_size,
             flush_lsn: Lsn(0x200_0000),
             pg_version,
+            in_recovery: false,
         };
         let dir = std::path::Path::new("store");
         assert!(check_same_cluster(&st, &info(7, seg, 15), dir).is_ok());
@@ -649,6 +934,64 @@ mod tests {
             code(check_same_cluster(&st, &info(7, seg, 16), dir)),
             Some(exit::MISMATCH)
         );
+    }
+
+    #[test]
+    fn picks_the_primary_on_the_highest_timeline() {
+        let c = |sender: &str, tl: u32, in_recovery: bool| Candidate {
+            sender: sender.into(),
+            timeline: TimelineId(tl),
+            in_recovery,
+        };
+        // A standby and a primary: the primary.
+        assert_eq!(pick(&[c("a", 1, true), c("b", 1, false)], None), Ok(1));
+        // Two primaries: the higher timeline wins, the old one is never chosen.
+        assert_eq!(
+            pick(
+                &[c("old", 1, false), c("new", 2, false)],
+                Some(TimelineId(1))
+            ),
+            Ok(1)
+        );
+        // Two primaries on one timeline: neither.
+        let e = pick(&[c("a", 2, false), c("b", 2, false), c("s", 1, true)], None).unwrap_err();
+        assert!(
+            e.contains("SPLIT BRAIN") && e.contains("a (primary") && e.contains("b (primary"),
+            "{e}"
+        );
+        // No primary: none.
+        assert!(pick(&[c("a", 2, true)], None)
+            .unwrap_err()
+            .contains("no sender reports a primary"));
+        assert!(pick(&[], None).is_err());
+        // Never below the store's timeline.
+        let e = pick(&[c("old", 1, false), c("s", 2, true)], Some(TimelineId(2))).unwrap_err();
+        assert!(e.contains("below this store's timeline 2"), "{e}");
+    }
+
+    #[test]
+    fn divergence_names_the_fork() {
+        let hist = History::parse(
+            TimelineId(2),
+            b"1\t0/5000100\tno recovery target specified\n",
+        )
+        .unwrap();
+        assert_eq!(
+            check_not_diverged(TimelineId(1), Lsn(0x5000000), &hist, "s").unwrap(),
+            (Lsn(0x5000100), TimelineId(2))
+        );
+        assert!(check_not_diverged(TimelineId(1), Lsn(0x5000100), &hist, "s").is_ok());
+        let e = check_not_diverged(TimelineId(1), Lsn(0x5000180), &hist, "s").unwrap_err();
+        let f = e.downcast_ref::<Fatal>().unwrap();
+        assert_eq!(f.code, exit::DIVERGED);
+        assert!(
+            f.message.contains("0/5000100") && f.message.contains("128 bytes"),
+            "{}",
+            f.message
+        );
+        // A timeline that is not in the history at all.
+        let e = check_not_diverged(TimelineId(3), Lsn(1), &hist, "s").unwrap_err();
+        assert_eq!(e.downcast_ref::<Fatal>().unwrap().code, exit::DIVERGED);
     }
 
     #[test]

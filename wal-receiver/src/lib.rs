@@ -46,6 +46,9 @@ pub mod exit {
     /// The sender sent something no correct sender sends, such as an unsafe file name in a
     /// snapshot. Nothing was written outside the target.
     pub const PROTOCOL: u8 = 10;
+    /// The store holds WAL past the point where the sender's timeline forked from it: two
+    /// histories diverged. Bootstrap this receiver again.
+    pub const DIVERGED: u8 = 11;
 }
 
 /// An error that ends the process with a specific exit code instead of a retry.

@@ -25,9 +25,13 @@ enum Command {
     /// Stream WAL from a sender into a WAL store and keep it current, reconnecting after
     /// any outage. Acknowledges only fsynced WAL.
     Follow {
-        /// The wal-sender to follow.
-        #[arg(long, value_name = "HOST:PORT")]
-        sender: String,
+        /// The wal-sender to follow. Repeat it to list the senders of every node that may
+        /// become the primary: the receiver then follows the one whose server is a primary
+        /// on the highest timeline, re-chooses after every disconnect (so it finds a new
+        /// primary after a failover by itself), never moves to a lower timeline, and
+        /// follows none while two claim to be primary on the same timeline.
+        #[arg(long = "sender", value_name = "HOST:PORT", required = true)]
+        senders: Vec<String>,
         /// This receiver's name: the sender uses the slot walship_NAME and
         /// application_name=NAME (so synchronous_standby_names can name it).
         #[arg(long)]
@@ -57,9 +61,10 @@ enum Command {
     /// keep `follow` running on the same --wal-dir. An interrupted bootstrap can be run again:
     /// it resumes, and files already received and unchanged on the primary are not sent again.
     Bootstrap {
-        /// The wal-sender to take the snapshot from.
-        #[arg(long, value_name = "HOST:PORT")]
-        sender: String,
+        /// The wal-sender to take the snapshot from. Repeatable, as for `follow`: the
+        /// snapshot comes from the primary among them.
+        #[arg(long = "sender", value_name = "HOST:PORT", required = true)]
+        senders: Vec<String>,
         /// This receiver's name (slot walship_NAME); use the same name for `follow`.
         #[arg(long)]
         name: String,
@@ -109,6 +114,10 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Also ask the standby this store feeds, at this libpq connection string, for its
+        /// recovery state, replay position and last replay time (what a failover needs).
+        #[arg(long, value_name = "CONNINFO")]
+        standby: Option<String>,
     },
 }
 
@@ -173,7 +182,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format);
     let result = match cli.command {
         Command::Follow {
-            sender,
+            senders,
             name,
             wal_dir,
             start_lsn,
@@ -191,7 +200,7 @@ fn main() -> ExitCode {
             let rt = runtime()?;
             rt.block_on(wal_receiver::follow::follow(
                 wal_receiver::follow::FollowConfig {
-                    sender,
+                    senders,
                     name,
                     wal_dir,
                     start_lsn,
@@ -202,7 +211,7 @@ fn main() -> ExitCode {
             ))
         }),
         Command::Bootstrap {
-            sender,
+            senders,
             name,
             pgdata,
             wal_dir,
@@ -231,7 +240,7 @@ fn main() -> ExitCode {
                 };
                 runtime()?.block_on(wal_receiver::bootstrap::bootstrap(
                     wal_receiver::bootstrap::BootstrapConfig {
-                        sender,
+                        senders,
                         name,
                         pgdata,
                         wal_dir,
@@ -254,7 +263,18 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e),
         },
-        Command::Status { wal_dir, json } => match wal_receiver::status::status(&wal_dir) {
+        Command::Status {
+            wal_dir,
+            json,
+            standby,
+        } => match wal_receiver::status::status(&wal_dir).and_then(|s| {
+            let Some(mut s) = s else { return Ok(None) };
+            if let Some(conninfo) = standby {
+                s.standby_server =
+                    Some(runtime()?.block_on(wal_receiver::status::query_standby(&conninfo)));
+            }
+            Ok(Some(s))
+        }) {
             Ok(Some(s)) if json => serde_json::to_string(&s)
                 .map(|j| println!("{j}"))
                 .map_err(Into::into),

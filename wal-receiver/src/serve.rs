@@ -8,6 +8,10 @@
 //! - `START_REPLICATION [SLOT s] [PHYSICAL] X/Y [TIMELINE n]`, then CopyBoth: `w` messages
 //!   of at most 128 KiB, never past the store's persisted flush position, `k` keepalives,
 //!   and the standby's `r` (positions) and `h` (hot-standby feedback), which go upstream.
+//! - The end of a timeline: a standby streaming a timeline that the store has left (or
+//!   leaves while it streams) gets WAL up to the switch point, then CopyDone, and after its
+//!   own CopyDone the `next_tli, next_tli_startpos` row, as PostgreSQL's walsender sends it.
+//!   The standby then asks for the new history file and streams the new timeline.
 //! - CopyDone and Terminate.
 //!
 //! WAL goes to the standby as soon as it is fsynced in the store, and never before: the
@@ -29,6 +33,7 @@ use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, TimelineId, WalFileName, WalSegSize};
 
 use crate::walread::WalReader;
+use walship_common::timeline::History;
 
 /// Where the standby connects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -593,22 +598,40 @@ impl Ctx {
                         out.error("ERROR", "42601", &e);
                         out.ready();
                     }
-                    Ok((_, Some(t))) if t != view.timeline.0 => {
-                        out.error("ERROR", "XX000", &format!("requested timeline {t} is not this server's timeline {} (wal-receiver does not follow timeline switches yet)", view.timeline));
-                        out.ready();
-                    }
-                    Ok((start, _)) if start > view.flush_lsn => {
-                        out.error("ERROR", "XX000", &format!("requested starting point {start} is ahead of the WAL flush position of this server {}", view.flush_lsn));
-                        out.ready();
-                    }
-                    Ok((start, _)) => {
-                        info!(application_name = %app, %start, "standby starts streaming");
-                        // CopyBothResponse: text format, no columns.
-                        out.msg(b'W', &[0, 0, 0]);
-                        out.send(wr).await?;
-                        self.stream(&mut front, wr, out, start, view).await?;
-                        out.complete("START_STREAMING");
-                        out.ready();
+                    Ok((start, t)) => {
+                        let t = TimelineId(t.unwrap_or(view.timeline.0));
+                        match self.timeline_end(t, &view) {
+                            Err(e) => {
+                                out.error("ERROR", "XX000", &e);
+                                out.ready();
+                            }
+                            Ok(Some((end, _))) if start > end => {
+                                out.error("ERROR", "XX000", &format!("requested starting point {start} on timeline {} is not in this server's history\nThis server's history forked from timeline {} at {end}.", t.0, t.0));
+                                out.ready();
+                            }
+                            Ok(None) if start > view.flush_lsn => {
+                                out.error("ERROR", "XX000", &format!("requested starting point {start} is ahead of the WAL flush position of this server {}", view.flush_lsn));
+                                out.ready();
+                            }
+                            Ok(end) => {
+                                info!(application_name = %app, %start, timeline = t.0, "standby starts streaming");
+                                // CopyBothResponse: text format, no columns.
+                                out.msg(b'W', &[0, 0, 0]);
+                                out.send(wr).await?;
+                                if let Some((end, next)) = self
+                                    .stream(&mut front, wr, out, start, t, end, view)
+                                    .await?
+                                {
+                                    // End of a historic timeline: which one follows, and where.
+                                    out.columns(&[("next_tli", 20), ("next_tli_startpos", 25)]);
+                                    let (n, e) = (next.0.to_string(), end.to_string());
+                                    out.row(&[Some(n.as_bytes()), Some(e.as_bytes())]);
+                                    info!(application_name = %app, timeline = t.0, %end, next_timeline = next.0, "end of timeline sent to the standby");
+                                }
+                                out.complete("START_STREAMING");
+                                out.ready();
+                            }
+                        }
                     }
                 },
                 _ => {
@@ -624,26 +647,57 @@ impl Ctx {
         }
     }
 
-    /// Streams WAL from `start` until the standby ends the copy.
+    /// Where `timeline` ends in the store's history, and the timeline after it; `None` for
+    /// the store's current timeline. `Err` for a timeline not in the store's history.
+    fn timeline_end(
+        &self,
+        timeline: TimelineId,
+        view: &StoreView,
+    ) -> std::result::Result<Option<(Lsn, TimelineId)>, String> {
+        if timeline == view.timeline {
+            return Ok(None);
+        }
+        let not_ours = || {
+            format!(
+                "requested timeline {} is not in this server's history",
+                timeline.0
+            )
+        };
+        if timeline > view.timeline {
+            return Err(not_ours());
+        }
+        let name = WalFileName::History(view.timeline).to_name(view.seg_size);
+        let content = std::fs::read(self.dir.join(&name))
+            .map_err(|e| format!("could not read history file {name}: {e}"))?;
+        let hist = History::parse(view.timeline, &content)?;
+        hist.switch_from(timeline).map(Some).ok_or_else(not_ours)
+    }
+
+    /// Streams WAL of `timeline` from `start` until the standby ends the copy (`None`), or,
+    /// when the timeline is (or becomes) historic, up to its end, where it ends the copy
+    /// itself and returns the end and the next timeline.
+    #[allow(clippy::too_many_arguments)]
     async fn stream(
         &mut self,
         front: &mut mpsc::Receiver<Result<Front>>,
         wr: &mut Writer,
         out: &mut Out,
         start: Lsn,
+        timeline: TimelineId,
+        mut end: Option<(Lsn, TimelineId)>,
         first: StoreView,
-    ) -> Result<()> {
-        let mut reader = WalReader::new(&self.dir, first.timeline, first.seg_size);
+    ) -> Result<Option<(Lsn, TimelineId)>> {
+        let mut reader = WalReader::new(&self.dir, timeline, first.seg_size);
         let mut pos = start;
         let mut view = first;
         let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
         loop {
-            while pos < view.flush_lsn {
-                let data =
-                    tokio::task::block_in_place(|| reader.read(pos, MAX_SEND, view.flush_lsn))?;
+            let limit = end.map(|(e, _)| e).unwrap_or(view.flush_lsn);
+            while pos < limit {
+                let data = tokio::task::block_in_place(|| reader.read(pos, MAX_SEND, limit))?;
                 let Some(data) = data else {
                     let name = WalFileName::Segment {
-                        timeline: view.timeline,
+                        timeline,
                         segno: view.seg_size.segment_of(pos),
                     }
                     .to_name(view.seg_size);
@@ -658,18 +712,44 @@ impl Ctx {
                 let mut body = Vec::with_capacity(25 + data.len());
                 body.push(b'w');
                 body.extend_from_slice(&pos.0.to_be_bytes());
-                body.extend_from_slice(&view.flush_lsn.0.to_be_bytes());
+                body.extend_from_slice(&limit.0.to_be_bytes());
                 body.extend_from_slice(&pg_now().to_be_bytes());
                 body.extend_from_slice(&data);
                 out.msg(b'd', &body);
                 out.send(wr).await?;
                 pos = Lsn(pos.0 + data.len() as u64);
             }
+            if let Some(e) = end.filter(|(e, _)| pos >= *e) {
+                // End of the timeline: CopyDone, then wait for the standby's.
+                out.msg(b'c', &[]);
+                out.send(wr).await?;
+                loop {
+                    match front
+                        .recv()
+                        .await
+                        .ok_or_else(|| anyhow!("reader stopped"))??
+                    {
+                        Front::CopyData(d) => self.on_copy_data(&d)?,
+                        Front::CopyDone => return Ok(Some(e)),
+                        Front::Terminate => {
+                            return Err(anyhow!(
+                                "the standby terminated at the end of the timeline"
+                            ))
+                        }
+                        Front::Query(_) => bail!("a query during streaming"),
+                    }
+                }
+            }
             tokio::select! {
                 changed = self.view.changed() => {
                     changed.map_err(|_| anyhow!("wal-receiver is stopping"))?;
-                    if let Some(v) = *self.view.borrow_and_update() {
+                    let latest = *self.view.borrow_and_update();
+                    if let Some(v) = latest {
                         view = v;
+                        if end.is_none() && view.timeline != timeline {
+                            // The store moved to a new timeline: this one is history now.
+                            end = self.timeline_end(timeline, &view).map_err(|e| anyhow!(e))?;
+                        }
                     }
                 }
                 msg = front.recv() => {
@@ -677,7 +757,7 @@ impl Ctx {
                         Front::CopyData(d) => self.on_copy_data(&d)?,
                         Front::CopyDone => {
                             out.msg(b'c', &[]);
-                            return Ok(());
+                            return Ok(None);
                         }
                         Front::Terminate => bail!("the standby terminated during streaming"),
                         Front::Query(_) => bail!("a query during streaming"),

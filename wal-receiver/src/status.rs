@@ -31,6 +31,83 @@ pub struct Status {
     /// What the standby served by `follow --serve-standby` last reported (at most about a
     /// second old while it is connected); absent if no standby was ever served.
     pub standby: Option<StandbyStatus>,
+    /// Timelines whose history file the store holds.
+    pub history_timelines: Vec<u32>,
+    /// The standby server itself, asked with `status --standby CONNINFO`.
+    pub standby_server: Option<StandbyServer>,
+}
+
+/// What the standby server says about itself (`status --standby`).
+#[derive(Debug, Serialize)]
+pub struct StandbyServer {
+    /// Whether the query worked; the other fields are empty when it did not.
+    pub reachable: bool,
+    pub error: Option<String>,
+    pub in_recovery: Option<bool>,
+    /// `pg_last_wal_replay_lsn()`: the end of the last record replayed.
+    pub replay_lsn: Option<String>,
+    /// `pg_last_wal_receive_lsn()`: what its walreceiver has received and flushed.
+    pub receive_lsn: Option<String>,
+    /// `pg_last_xact_replay_timestamp()`: commit time of the last transaction replayed.
+    pub last_replay_time: Option<String>,
+    /// The timeline it replays (or, once promoted, writes).
+    pub timeline: Option<u32>,
+}
+
+/// Asks the standby server at `conninfo` (a libpq keyword/value string) for its recovery
+/// state. Never fails: an unreachable server is reported as such.
+pub async fn query_standby(conninfo: &str) -> StandbyServer {
+    match query(conninfo).await {
+        Ok(s) => s,
+        Err(e) => StandbyServer {
+            reachable: false,
+            error: Some(format!("{e:#}")),
+            in_recovery: None,
+            replay_lsn: None,
+            receive_lsn: None,
+            last_replay_time: None,
+            timeline: None,
+        },
+    }
+}
+
+async fn query(conninfo: &str) -> Result<StandbyServer> {
+    let cfg: tokio_postgres::Config = conninfo
+        .parse()
+        .with_context(|| format!("parse connection string {conninfo:?}"))?;
+    let (client, conn) = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        cfg.connect(tokio_postgres::NoTls),
+    )
+    .await
+    .context("connecting to the standby timed out")?
+    .context("connect to the standby")?;
+    let task = tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, \
+             pg_last_wal_receive_lsn()::text, pg_last_xact_replay_timestamp()::text, \
+             (SELECT CASE WHEN pg_is_in_recovery() THEN \
+                (SELECT received_tli FROM pg_stat_wal_receiver) END)::int4, \
+             (SELECT timeline_id FROM pg_control_checkpoint())::int4",
+            &[],
+        )
+        .await
+        .context("query the standby")?;
+    drop(client);
+    let _ = task.await;
+    let in_recovery: bool = row.get(0);
+    let received_tli: Option<i32> = row.get(4);
+    let checkpoint_tli: Option<i32> = row.get(5);
+    Ok(StandbyServer {
+        reachable: true,
+        error: None,
+        in_recovery: Some(in_recovery),
+        replay_lsn: row.get(1),
+        receive_lsn: row.get(2),
+        last_replay_time: row.get(3),
+        timeline: received_tli.or(checkpoint_tli).map(|t| t as u32),
+    })
 }
 
 /// A standby's last report, as `follow --serve-standby` recorded it.
@@ -51,9 +128,14 @@ pub fn status(wal_dir: &Path) -> Result<Option<Status>> {
         return Ok(None);
     };
     let mut names = Vec::new();
+    let mut history_timelines = Vec::new();
     let (mut sealed, mut partial) = (0, 0);
     for entry in fs::read_dir(wal_dir).with_context(|| format!("list {}", wal_dir.display()))? {
         let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(WalFileName::History(t)) = WalFileName::parse(&name, state.seg_size) {
+            history_timelines.push(t.0);
+            continue;
+        }
         let (base, is_sealed) = if let Some(b) = name.strip_suffix(SEALED_SUFFIX) {
             (b, true)
         } else if let Some(b) = name.strip_suffix(PARTIAL_SUFFIX) {
@@ -100,6 +182,11 @@ pub fn status(wal_dir: &Path) -> Result<Option<Status>> {
         standby: fs::read(wal_dir.join(crate::follow::STANDBY_FILE))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok()),
+        history_timelines: {
+            history_timelines.sort();
+            history_timelines
+        },
+        standby_server: None,
     }))
 }
 
@@ -149,6 +236,28 @@ impl std::fmt::Display for Status {
                 s.flush_lsn,
                 s.reply_time
             )?;
+        }
+        if !self.history_timelines.is_empty() {
+            writeln!(
+                f,
+                "history files:      timelines {:?}",
+                self.history_timelines
+            )?;
+        }
+        if let Some(s) = &self.standby_server {
+            let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            match &s.error {
+                Some(e) => writeln!(f, "standby server:     unreachable: {e}")?,
+                None => writeln!(
+                    f,
+                    "standby server:     {} on timeline {}, replayed to {}, received to {}, last replayed commit at {}",
+                    if s.in_recovery == Some(true) { "in recovery" } else { "NOT in recovery (a primary)" },
+                    s.timeline.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                    or(&s.replay_lsn),
+                    or(&s.receive_lsn),
+                    or(&s.last_replay_time)
+                )?,
+            }
         }
         write!(
             f,

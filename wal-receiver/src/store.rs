@@ -165,6 +165,13 @@ pub fn segment_path(dir: &Path, state: &StoreState, segno: SegmentNo, suffix: &s
     dir.join(format!("{name}{suffix}"))
 }
 
+/// Work for the sealer thread.
+enum SealJob {
+    Seal(StoreState, SegmentNo),
+    /// Answered once every job queued before it is done.
+    Barrier(mpsc::Sender<()>),
+}
+
 struct OpenSegment {
     segno: SegmentNo,
     file: File,
@@ -185,7 +192,7 @@ pub struct Store {
     dir_dirty: bool,
     pending_raw: u64,
     pending_wire: u64,
-    seal_tx: Option<mpsc::Sender<(StoreState, SegmentNo)>>,
+    seal_tx: Option<mpsc::Sender<SealJob>>,
     seal_thread: Option<std::thread::JoinHandle<()>>,
     seal_error: Arc<Mutex<Option<String>>>,
 }
@@ -209,13 +216,20 @@ impl Store {
         })?;
         let state = read_state(dir)?;
         let seal_error = Arc::new(Mutex::new(None));
-        let (seal_tx, seal_rx) = mpsc::channel::<(StoreState, SegmentNo)>();
+        let (seal_tx, seal_rx) = mpsc::channel::<SealJob>();
         let seal_dir = dir.to_owned();
         let seal_err = seal_error.clone();
         let seal_thread = std::thread::Builder::new()
             .name("sealer".into())
             .spawn(move || {
-                for (state, segno) in seal_rx {
+                for job in seal_rx {
+                    let (state, segno) = match job {
+                        SealJob::Seal(state, segno) => (state, segno),
+                        SealJob::Barrier(done) => {
+                            let _ = done.send(());
+                            continue;
+                        }
+                    };
                     if let Err(e) = sealed::seal_segment(&seal_dir, &state, segno) {
                         tracing::error!("{e:#}");
                         *seal_err.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -499,7 +513,7 @@ impl Store {
     fn queue_seal(&mut self, segno: SegmentNo) -> Result<(), StoreError> {
         let state = self.state.clone().expect("initialised");
         let tx = self.seal_tx.as_ref().expect("sealer running");
-        tx.send((state, segno)).map_err(|_| {
+        tx.send(SealJob::Seal(state, segno)).map_err(|_| {
             let e = self
                 .seal_error
                 .lock()
@@ -507,6 +521,112 @@ impl Store {
                 .clone();
             StoreError::Seal(e.unwrap_or_else(|| "sealer thread stopped".into()))
         })
+    }
+
+    /// Waits until every segment queued so far is sealed.
+    fn wait_sealed(&mut self) -> Result<(), StoreError> {
+        let (done_tx, done_rx) = mpsc::channel();
+        let sent = self
+            .seal_tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(SealJob::Barrier(done_tx)).is_ok());
+        if !sent || done_rx.recv().is_err() {
+            let e = self
+                .seal_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            return Err(StoreError::Seal(
+                e.unwrap_or_else(|| "sealer thread stopped".into()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stores timeline `tli`'s history file durably. An existing file must have the same
+    /// content: a history file is never overwritten with another.
+    pub fn save_history(&mut self, tli: TimelineId, content: &[u8]) -> Result<(), StoreError> {
+        let name = WalFileName::History(tli).to_name(
+            self.state
+                .as_ref()
+                .map(|s| s.seg_size)
+                .unwrap_or(WalSegSize::DEFAULT),
+        );
+        let path = self.dir.join(&name);
+        match fs::read(&path) {
+            Ok(existing) if existing == content => return Ok(()),
+            Ok(_) => {
+                return Err(StoreError::Inconsistent {
+                    dir: self.dir.clone(),
+                    why: format!(
+                        "it holds a history file {name} with other content than the sender's; refusing to overwrite it (the two servers have different histories)"
+                    ),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DurableError::io("read", &path, e).into()),
+        }
+        durable::write_atomic(&path, content)?;
+        Ok(())
+    }
+
+    /// Ends the store's timeline at `switch_lsn`, where timeline `next` begins; the store
+    /// must hold exactly the WAL up to `switch_lsn`, flushed, and `next`'s history file
+    /// must be saved already. The old timeline's last segment stays as its `.partial`, as
+    /// PostgreSQL keeps it; the part of that segment before the switch point is copied
+    /// into `next`'s segment, as PostgreSQL does when it starts a timeline.
+    pub fn switch_timeline(&mut self, next: TimelineId, switch_lsn: Lsn) -> Result<(), StoreError> {
+        let mut state = self.state.clone().expect("switch on an initialised store");
+        if next.0 <= state.timeline.0
+            || self.write_lsn != switch_lsn
+            || state.flush_lsn != switch_lsn
+        {
+            return Err(StoreError::Inconsistent {
+                dir: self.dir.clone(),
+                why: format!(
+                    "cannot switch from timeline {} at {} (written to {}) to timeline {} at {switch_lsn}",
+                    state.timeline.0, state.flush_lsn, self.write_lsn, next.0
+                ),
+            });
+        }
+        let history = self
+            .dir
+            .join(WalFileName::History(next).to_name(state.seg_size));
+        if !history.exists() {
+            return Err(StoreError::Inconsistent {
+                dir: self.dir.clone(),
+                why: format!("the history file of timeline {} is missing", next.0),
+            });
+        }
+        // Every complete segment of the old timeline is sealed before the new one starts,
+        // so the sealer never recycles a file into an old-timeline name.
+        self.wait_sealed()?;
+        self.current = None;
+        let offset = switch_lsn.segment_offset(state.seg_size);
+        let segno = state.seg_size.segment_of(switch_lsn);
+        if offset != 0 {
+            let old = segment_path(&self.dir, &state, segno, PARTIAL_SUFFIX);
+            let mut head = vec![0u8; offset as usize];
+            File::open(&old)
+                .and_then(|f| f.read_exact_at(&mut head, 0))
+                .map_err(|e| DurableError::io("read", &old, e))?;
+            let new_state = StoreState {
+                timeline: next,
+                ..state.clone()
+            };
+            self.open_segment(&new_state, segno)?;
+            let cur = self.current.as_ref().expect("segment just opened");
+            cur.file
+                .write_all_at(&head, 0)
+                .map_err(|e| DurableError::io("write", &cur.path, e))?;
+            durable::fdatasync_file(&cur.file, &cur.path)?;
+        }
+        durable::fsync_dir(&self.dir)?;
+        self.dir_dirty = false;
+        state.timeline = next;
+        self.persist_state(&state)?;
+        self.state = Some(state);
+        Ok(())
     }
 
     /// Waits for queued segments to be sealed (used at shutdown and by tests).
@@ -605,6 +725,58 @@ mod tests {
         // A second writer is refused while the first holds the lock.
         assert!(matches!(Store::open(&dir), Err(StoreError::Locked { .. })));
         drop(st);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn timeline_switch_keeps_the_old_partial_and_copies_its_head() {
+        let dir = tmpdir("switch");
+        let mut st = Store::open(&dir).unwrap();
+        st.init(42, TimelineId(1), seg1m(), 15, Lsn(1 << 20))
+            .unwrap();
+        let data: Vec<u8> = (0..(1 << 20) + 3000).map(|i| (i % 253) as u8).collect();
+        st.write(Lsn(1 << 20), &data, 10).unwrap();
+        let switch = st.flush().unwrap();
+        // The history file first; then the switch.
+        assert!(
+            st.switch_timeline(TimelineId(2), switch).is_err(),
+            "switched without history"
+        );
+        st.save_history(TimelineId(2), b"1\t0/200BB8\tr\n").unwrap();
+        st.save_history(TimelineId(2), b"1\t0/200BB8\tr\n").unwrap();
+        assert!(
+            st.save_history(TimelineId(2), b"1\t0/200BB9\tr\n").is_err(),
+            "history overwritten"
+        );
+        assert!(st
+            .switch_timeline(TimelineId(2), Lsn(switch.0 - 1))
+            .is_err());
+        st.switch_timeline(TimelineId(2), switch).unwrap();
+        assert_eq!(st.state().unwrap().timeline, TimelineId(2));
+        assert_eq!(st.flush_lsn(), switch);
+        st.write(switch, b"new timeline", 1).unwrap();
+        st.flush().unwrap();
+        st.close().unwrap();
+        let name = |tl: u32| {
+            dir.join(format!(
+                "{}{PARTIAL_SUFFIX}",
+                WalFileName::Segment {
+                    timeline: TimelineId(tl),
+                    segno: SegmentNo(2)
+                }
+                .to_name(seg1m())
+            ))
+        };
+        let old = fs::read(name(1)).unwrap();
+        let new = fs::read(name(2)).unwrap();
+        assert_eq!(&old[..3000], &data[1 << 20..]);
+        assert_eq!(&new[..3000], &data[1 << 20..]);
+        assert_eq!(&new[3000..3012], b"new timeline");
+        // Reopening leaves the old timeline's .partial alone.
+        let st = Store::open(&dir).unwrap();
+        assert_eq!(st.state().unwrap().timeline, TimelineId(2));
+        drop(st);
+        assert!(name(1).exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 

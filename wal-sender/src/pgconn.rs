@@ -391,6 +391,61 @@ impl ReplConn {
     }
 
     /// Ends the session politely; errors are ignored since the connection is going away.
+    /// Answers the server's CopyDone and reads what follows. After a historic timeline
+    /// was streamed to its end PostgreSQL sends the next timeline and where it starts;
+    /// `None` means it sent no such row (it is shutting down).
+    pub async fn end_copy(&mut self) -> Result<Option<(u32, Lsn)>> {
+        frontend::copy_done(&mut self.wbuf);
+        self.flush().await?;
+        let mut next = None;
+        loop {
+            let (tag, body) = match self.read_message().await {
+                Ok(m) => m,
+                // A server that shuts down closes the connection after its CopyDone.
+                Err(_) if next.is_none() => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            match tag {
+                b'D' => {
+                    let row = parse_data_row(&body)?;
+                    let tli = row
+                        .first()
+                        .cloned()
+                        .flatten()
+                        .and_then(|t| t.parse::<u32>().ok())
+                        .ok_or_else(|| anyhow!("bad next_tli in the end-of-timeline row"))?;
+                    let pos = row
+                        .get(1)
+                        .cloned()
+                        .flatten()
+                        .and_then(|p| p.parse::<Lsn>().ok())
+                        .ok_or_else(|| {
+                            anyhow!("bad next_tli_startpos in the end-of-timeline row")
+                        })?;
+                    next = Some((tli, pos));
+                }
+                b'd' | b'T' | b'C' | b'N' | b'S' => {}
+                b'E' => return Err(parse_error(&body).into()),
+                b'Z' => return Ok(next),
+                t => bail!(
+                    "unexpected message {:?} after the end of streaming",
+                    t as char
+                ),
+            }
+        }
+    }
+
+    /// The content of timeline `tli`'s history file.
+    pub async fn timeline_history(&mut self, tli: u32) -> Result<Vec<u8>> {
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {tli}"))
+            .await?;
+        rows.first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .map(String::into_bytes)
+            .ok_or_else(|| anyhow!("TIMELINE_HISTORY {tli} returned no content"))
+    }
+
     pub async fn terminate(mut self) {
         frontend::terminate(&mut self.wbuf);
         let _ = self.flush().await;

@@ -309,6 +309,8 @@ async fn session(
     let seg_size = WalSegSize::parse_setting(&seg_setting).ok_or_else(|| {
         anyhow!("PostgreSQL reports an unusable wal_segment_size {seg_setting:?}")
     })?;
+    // A standby reports in_hot_standby = on (PostgreSQL 14 and later).
+    let in_recovery = pg.show("in_hot_standby").await? == "on";
     out.send(&Message::ServerInfo {
         version: PROTOCOL_VERSION,
         system_id: sys.system_id,
@@ -316,6 +318,7 @@ async fn session(
         seg_size: seg_size.bytes() as u32,
         flush_lsn: sys.flush_lsn,
         server_version: pg.server_version.clone(),
+        in_recovery,
     })
     .await?;
     if mode == Mode::Bootstrap {
@@ -324,21 +327,36 @@ async fn session(
         return bootstrap(pg, rd, dec, out, cfg, &name, &slot).await;
     }
 
-    let (start_lsn, timeline) =
+    // History files first (a receiver on an older timeline needs them), then the request.
+    let (start_lsn, timeline) = loop {
         match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut dec, &mut rd))
             .await
             .map_err(|_| anyhow!("handshake not completed within {:?}", cfg.handshake_timeout))??
         {
+            Message::GetHistory { timeline } => {
+                if timeline < 2 || timeline > sys.timeline {
+                    return Err(refuse(ErrorCode::BadRequest, format!(
+                        "there is no history file for timeline {timeline} (the server is on timeline {})",
+                        sys.timeline
+                    )));
+                }
+                let content = pg
+                    .timeline_history(timeline)
+                    .await
+                    .with_context(|| format!("read the history of timeline {timeline}"))?;
+                out.send(&Message::History { timeline, content }).await?;
+            }
             Message::StartStream {
                 start_lsn,
                 timeline,
-            } => (start_lsn, timeline),
+            } => break (start_lsn, timeline),
             Message::Error { message, .. } => bail!("receiver ended the handshake: {message}"),
             other => bail!("expected StartStream, got {:?}", other.kind()),
-        };
-    if timeline != sys.timeline {
+        }
+    };
+    if timeline > sys.timeline {
         return Err(refuse(ErrorCode::BadRequest, format!(
-            "receiver is on timeline {timeline} but the primary is on timeline {}; following a timeline switch is not supported yet",
+            "receiver asks for timeline {timeline}, but the server is on timeline {}; it is behind the receiver's history",
             sys.timeline
         )));
     }
@@ -448,6 +466,8 @@ struct Upstream<'a> {
     /// A message read while coalescing that still has to be handled.
     pending: Option<CopyMessage>,
     batch_delay: Duration,
+    /// The timeline was streamed to its end: the session is over.
+    ended: bool,
 }
 
 impl Upstream<'_> {
@@ -515,12 +535,29 @@ impl Upstream<'_> {
                 }
                 Ok(())
             }
-            CopyMessage::CopyDone => {
-                bail!(
-                    "PostgreSQL ended the replication stream at {} (end of timeline or shutdown)",
+            CopyMessage::CopyDone => match self.pg.end_copy().await? {
+                Some((next_timeline, switch_lsn)) => {
+                    if switch_lsn != self.sent_lsn {
+                        bail!(
+                            "PostgreSQL ended the timeline at {switch_lsn}, but sent WAL up to {}",
+                            self.sent_lsn
+                        );
+                    }
+                    info!(%switch_lsn, next_timeline, "end of timeline: the receiver continues on the next one");
+                    self.out
+                        .send(&Message::EndOfTimeline {
+                            next_timeline,
+                            switch_lsn,
+                        })
+                        .await?;
+                    self.ended = true;
+                    Ok(())
+                }
+                None => bail!(
+                    "PostgreSQL ended the replication stream at {} (it is shutting down)",
                     self.sent_lsn
-                )
-            }
+                ),
+            },
         }
     }
 
@@ -656,9 +693,13 @@ async fn stream(
         raw_bytes: 0,
         pending: None,
         batch_delay,
+        ended: false,
     };
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
     let result: Result<()> = loop {
+        if up.ended {
+            break Ok(());
+        }
         if let Some(m) = up.pending.take() {
             if let Err(e) = up.on_copy(m).await {
                 break Err(e);
