@@ -228,6 +228,20 @@ fn failover_to_the_most_recent_standby_without_losing_commits() -> Result<()> {
         let r: Lsn = other.pg.sql("SELECT pg_last_wal_replay_lsn()")?.parse()?;
         Ok((r >= target).then_some(()))
     })?;
+    // status asks the standby itself what a failover needs.
+    let out = Command::new(bin("wal-receiver"))
+        .args(["status", "--json", "--wal-dir"])
+        .arg(&other.receiver.wal_dir)
+        .args(["--standby", &other.pg.conninfo()])
+        .output()?;
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(st["timeline"], 2, "{st}");
+    assert_eq!(st["history_timelines"], serde_json::json!([2]), "{st}");
+    let sb = &st["standby_server"];
+    assert_eq!(sb["in_recovery"], true, "{st}");
+    assert_eq!(sb["timeline"], 2, "{st}");
+    assert!(lsn_of(&sb["replay_lsn"])? >= target, "{st}");
+    assert!(sb["last_replay_time"].is_string(), "{st}");
     assert_eq!(
         other
             .pg
@@ -365,16 +379,16 @@ fn failover_to_the_most_recent_standby_without_losing_commits() -> Result<()> {
     }
     // A fresh bootstrap of it from the new primary succeeds.
     let target_dir: PathBuf = dir.join("nd-again");
-    let mut boot = Proc::spawn(
-        bootstrap_cmd(
-            &new.listen,
-            "nd",
-            &target_dir,
-            &dir.join("wal-nd-again"),
-            &[],
-        ),
-        dir.join("bootstrap-nd-again.log"),
-    )?;
+    // It lists both senders: the old primary's (timeline 1) and the new one's.
+    let mut cmd = bootstrap_cmd(
+        &sender_a.addr,
+        "nd",
+        &target_dir,
+        &dir.join("wal-nd-again"),
+        &[],
+    );
+    cmd.args(["--sender", &new.listen]);
+    let mut boot = Proc::spawn(cmd, dir.join("bootstrap-nd-again.log"))?;
     assert!(
         boot.wait_exit()?.success(),
         "bootstrap from the new primary failed: {}",
