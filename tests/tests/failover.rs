@@ -178,8 +178,6 @@ fn failover_to_the_most_recent_standby_without_losing_commits() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "failover.sh failed:\n{text}");
-    let flush_b = lsn_of(&store_status(&b.receiver)?["flush_lsn"])?;
-    let flush_c = lsn_of(&store_status(&c.receiver)?["flush_lsn"])?;
     let (new, other) = if text.contains("chose nb") {
         (b, c)
     } else if text.contains("chose nc") {
@@ -187,11 +185,30 @@ fn failover_to_the_most_recent_standby_without_losing_commits() -> Result<()> {
     } else {
         bail!("failover.sh did not say what it chose:\n{text}");
     };
-    // The store the script chose holds the most recent WAL of the two.
-    let chosen_flush = lsn_of(&store_status(&new.receiver)?["flush_lsn"])?;
-    assert!(
-        chosen_flush >= flush_b.min(flush_c),
-        "chose {} with {chosen_flush}; stores held {flush_b} and {flush_c}:\n{text}",
+    // The store the script chose held the most recent WAL of the two, as the script saw
+    // them before it promoted (its candidate lines: "<name> store: timeline T, flush X").
+    let seen: Vec<(String, Lsn)> = text
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.trim().split_once(' ')?;
+            let flush = rest.split("flush ").nth(1)?.split(';').next()?;
+            Some((name.to_owned(), flush.parse().ok()?))
+        })
+        .collect();
+    assert_eq!(
+        seen.len(),
+        2,
+        "failover.sh did not list both candidates:\n{text}"
+    );
+    let most = seen.iter().map(|(_, l)| *l).max().expect("two candidates");
+    let chosen = seen
+        .iter()
+        .find(|(n, _)| *n == new.name)
+        .expect("chosen listed")
+        .1;
+    assert_eq!(
+        chosen, most,
+        "chose {} at {chosen}, not the most recent:\n{text}",
         new.name
     );
     assert!(text.contains("promoted"), "{text}");
