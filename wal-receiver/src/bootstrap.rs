@@ -38,8 +38,8 @@ use crate::{exit, Fatal};
 
 /// Present in the target while a bootstrap is unfinished.
 pub const MARKER: &str = "walship-bootstrap.incomplete";
-const PG_CONTROL: &str = "global/pg_control";
-const PG_CONTROL_STAGED: &str = "global/pg_control.walship-partial";
+pub(crate) const PG_CONTROL: &str = "global/pg_control";
+pub(crate) const PG_CONTROL_STAGED: &str = "global/pg_control.walship-partial";
 /// The sender sends at least this often while copying; silence longer means a dead link.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// A failed snapshot attempt is resumed this many times before the bootstrap gives up.
@@ -57,6 +57,8 @@ pub struct BootstrapConfig {
     pub wal_dir: PathBuf,
     /// (location on the primary, location here)
     pub tablespace_mapping: Vec<(PathBuf, PathBuf)>,
+    /// Where an unmapped tablespace goes (`<root>/<oid>`); `None`: its primary's location.
+    pub tablespace_root: Option<PathBuf>,
     /// The wal-receiver binary restore_command runs.
     pub restore_bin: PathBuf,
     /// TLS to the sender; `None` is plaintext.
@@ -67,17 +69,19 @@ pub struct BootstrapConfig {
 }
 
 /// What the snapshot said about itself.
-struct Snapshot {
-    start_lsn: Lsn,
-    stop_lsn: Lsn,
-    backup_label: String,
-    tablespace_map: String,
+pub(crate) struct Snapshot {
+    pub(crate) start_lsn: Lsn,
+    pub(crate) stop_lsn: Lsn,
+    pub(crate) timeline: u32,
+    pub(crate) system_id: u64,
+    pub(crate) backup_label: String,
+    pub(crate) tablespace_map: String,
     /// oid -> directory here
-    tablespaces: HashMap<u32, PathBuf>,
-    received: HashSet<PathBuf>,
-    bytes: u64,
-    skipped: u64,
-    wire: u64,
+    pub(crate) tablespaces: HashMap<u32, PathBuf>,
+    pub(crate) received: HashSet<PathBuf>,
+    pub(crate) bytes: u64,
+    pub(crate) skipped: u64,
+    pub(crate) wire: u64,
 }
 
 pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
@@ -88,13 +92,36 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
     let pgdata = std::path::absolute(&cfg.pgdata)?;
     let wal_dir = std::path::absolute(&cfg.wal_dir)?;
     let started = Instant::now();
+    let snap = snapshot_with_wal(&cfg, &pgdata, &wal_dir).await?;
+    let stream_from = cfg.serve.as_ref().map(|a| (a, cfg.name.as_str()));
+    finish(&pgdata, &wal_dir, &snap, &cfg.restore_bin, stream_from)?;
+    info!(
+        pgdata = %pgdata.display(), stop_lsn = %snap.stop_lsn, skipped_bytes = snap.skipped,
+        seconds = started.elapsed().as_secs_f64(),
+        "bootstrap complete: start the standby with pg_ctl, and keep 'wal-receiver follow' running on the same --wal-dir{}",
+        match &cfg.serve {
+            Some(a) => format!(" with --serve-standby: the standby streams from {a}"),
+            None => String::new(),
+        }
+    );
+    Ok(())
+}
+
+/// Takes the snapshot into `pgdata`, resuming failed attempts, and stores the WAL through
+/// its stop position in `wal_dir`: everything a standby or a backup needs, except the
+/// labels and recovery settings.
+pub(crate) async fn snapshot_with_wal(
+    cfg: &BootstrapConfig,
+    pgdata: &Path,
+    wal_dir: &Path,
+) -> Result<Snapshot> {
     // A broken connection or a damaged frame costs only what was in flight: the attempt
     // is resumed like an interrupted bootstrap, skipping every file already staged.
     let mut backoff = RETRY_BACKOFF_MIN;
     let mut attempt = 1;
     let snap = loop {
-        let resumed = check_target(&pgdata)?;
-        match snapshot(&cfg, &pgdata, &wal_dir, resumed).await {
+        let resumed = check_target(pgdata)?;
+        match snapshot(cfg, pgdata, wal_dir, resumed).await {
             Ok(snap) => break snap,
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
             // A correct sender never sends an unsafe name: retrying cannot help.
@@ -124,43 +151,53 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
         "snapshot received; skipped {} bytes already staged and verified", snap.skipped
     );
     let (dir, ts, keep) = (
-        pgdata.clone(),
+        pgdata.to_owned(),
         snap.tablespaces.clone(),
         snap.received.clone(),
     );
     tokio::task::spawn_blocking(move || remove_stale_and_sync(&dir, &ts, &keep)).await??;
 
     // WAL from the start LSN through the stop LSN, into the store.
-    check_store_covers(&wal_dir, snap.start_lsn)?;
-    follow::follow(FollowConfig {
-        senders: cfg.senders.clone(),
-        name: cfg.name.clone(),
-        wal_dir: wal_dir.clone(),
-        start_lsn: Some(snap.start_lsn),
-        until: Some(snap.stop_lsn),
-        tls: cfg.tls.clone(),
-        serve: None,
-    })
-    .await?;
-    let flush_lsn = read_state(&wal_dir)
+    check_store_covers(wal_dir, snap.start_lsn)?;
+    let running = crate::status::status(wal_dir)?.is_some_and(|s| s.receiver_running);
+    if running {
+        // A follower keeps this store current (a backup repository's archive): wait for it.
+        info!(stop_lsn = %snap.stop_lsn, "a wal-receiver follows this WAL store; waiting for it to store the WAL through the snapshot's stop position");
+        let mut last_log = Instant::now();
+        loop {
+            let flush = read_state(wal_dir)
+                .map_err(follow::store_fatal)?
+                .map(|s| s.flush_lsn)
+                .unwrap_or_default();
+            if flush >= snap.stop_lsn {
+                break;
+            }
+            if last_log.elapsed() >= Duration::from_secs(10) {
+                last_log = Instant::now();
+                info!(%flush, stop_lsn = %snap.stop_lsn, "waiting for the follower");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    } else {
+        follow::follow(FollowConfig {
+            senders: cfg.senders.clone(),
+            name: cfg.name.clone(),
+            wal_dir: wal_dir.to_owned(),
+            start_lsn: Some(snap.start_lsn),
+            until: Some(snap.stop_lsn),
+            tls: cfg.tls.clone(),
+            serve: None,
+        })
+        .await?;
+    }
+    let flush_lsn = read_state(wal_dir)
         .map_err(follow::store_fatal)?
         .map(|s| s.flush_lsn)
         .unwrap_or_default();
     if flush_lsn < snap.stop_lsn {
-        bail!("interrupted before WAL through {} was stored (the store holds WAL up to {flush_lsn}); run the bootstrap again to finish", snap.stop_lsn);
+        bail!("interrupted before WAL through {} was stored (the store holds WAL up to {flush_lsn}); run it again to finish", snap.stop_lsn);
     }
-    let stream_from = cfg.serve.as_ref().map(|a| (a, cfg.name.as_str()));
-    finish(&pgdata, &wal_dir, &snap, &cfg.restore_bin, stream_from)?;
-    info!(
-        pgdata = %pgdata.display(), stop_lsn = %snap.stop_lsn, skipped_bytes = snap.skipped,
-        seconds = started.elapsed().as_secs_f64(),
-        "bootstrap complete: start the standby with pg_ctl, and keep 'wal-receiver follow' running on the same --wal-dir{}",
-        match &cfg.serve {
-            Some(a) => format!(" with --serve-standby: the standby streams from {a}"),
-            None => String::new(),
-        }
-    );
-    Ok(())
+    Ok(snap)
 }
 
 /// One attempt at the snapshot: stage what is missing or changed into `pgdata`.
@@ -212,7 +249,14 @@ async fn snapshot(
         }
     }
     conn.link.send(&Message::StartBackup).await?;
-    receive(conn, pgdata, &cfg.tablespace_mapping, resumed).await
+    receive(
+        conn,
+        pgdata,
+        &cfg.tablespace_mapping,
+        cfg.tablespace_root.as_deref(),
+        resumed,
+    )
+    .await
 }
 
 /// Refuses to resume a bootstrap of another cluster into `pgdata`.
@@ -372,6 +416,7 @@ async fn receive(
     conn: Connection,
     pgdata: &Path,
     mapping: &[(PathBuf, PathBuf)],
+    tablespace_root: Option<&Path>,
     resumed: bool,
 ) -> Result<Snapshot> {
     let mut target = Target {
@@ -383,6 +428,8 @@ async fn receive(
     let mut snap = Snapshot {
         start_lsn: Lsn::INVALID,
         stop_lsn: Lsn::INVALID,
+        timeline: 0,
+        system_id: conn.info.system_id,
         backup_label: String::new(),
         tablespace_map: String::new(),
         tablespaces: HashMap::new(),
@@ -422,7 +469,7 @@ async fn receive(
     let result = receive_loop(
         &mut rx,
         pgdata,
-        mapping,
+        (mapping, tablespace_root),
         resumed,
         &mut target,
         &mut progress,
@@ -486,7 +533,7 @@ impl Syncer {
 async fn receive_loop(
     rx: &mut tokio::sync::mpsc::Receiver<Result<(Message, u64)>>,
     pgdata: &Path,
-    mapping: &[(PathBuf, PathBuf)],
+    (mapping, tablespace_root): (&[(PathBuf, PathBuf)], Option<&Path>),
     resumed: bool,
     target: &mut Target,
     progress: &mut Option<Progress>,
@@ -510,8 +557,15 @@ async fn receive_loop(
                 tablespaces,
             } if !started => {
                 info!(%start_lsn, timeline, total_bytes, file_count, "snapshot started");
+                snap.timeline = timeline;
                 for (oid, location) in tablespaces {
-                    let dir = tablespace_dir(pgdata, oid, Path::new(&location), mapping, resumed)?;
+                    let dir = tablespace_dir(
+                        pgdata,
+                        oid,
+                        Path::new(&location),
+                        (mapping, tablespace_root),
+                        resumed,
+                    )?;
                     target.tablespaces.insert(oid, dir.clone());
                     snap.tablespaces.insert(oid, dir);
                 }
@@ -624,13 +678,14 @@ fn tablespace_dir(
     pgdata: &Path,
     oid: u32,
     location: &Path,
-    mapping: &[(PathBuf, PathBuf)],
+    (mapping, root): (&[(PathBuf, PathBuf)], Option<&Path>),
     resumed: bool,
 ) -> Result<PathBuf> {
     let dir = mapping
         .iter()
         .find(|(old, _)| old == location)
         .map(|(_, new)| new.clone())
+        .or_else(|| root.map(|r| r.join(oid.to_string())))
         .unwrap_or_else(|| location.to_owned());
     if !dir.is_absolute() {
         bail!(
@@ -835,7 +890,7 @@ fn escape_map_path(p: &str) -> String {
 }
 
 /// Quotes a word for the shell that runs restore_command.
-fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"/._-+:=@,".contains(&b))

@@ -3,6 +3,7 @@
 //!
 //! - [`store`]: the WAL store and its state file.
 //! - [`sealed`]: complete segments, compressed and checksummed at rest.
+//! - [`backup`]: backup repositories: base backups, the WAL archive, point-in-time restore.
 //! - [`bootstrap`]: a new standby from a snapshot of the primary.
 //! - [`paths`]: checks on file names from the network.
 //! - [`follow`]: the streaming loop with group commit and reconnects.
@@ -11,6 +12,7 @@
 //! - [`walread`]: reading WAL back out of a store while it is written.
 //! - [`serve`]: PostgreSQL's streaming replication protocol, served to a standby from the store.
 
+pub mod backup;
 pub mod bootstrap;
 pub mod follow;
 pub mod paths;

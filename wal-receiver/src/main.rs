@@ -119,6 +119,90 @@ enum Command {
         #[arg(long, value_name = "CONNINFO")]
         standby: Option<String>,
     },
+    /// Take a base backup into a backup repository while the primary runs. The WAL through
+    /// the backup's stop position goes into the repository's WAL archive, REPO/wal; keep it
+    /// continuous with `wal-receiver follow --wal-dir REPO/wal --name NAME` (same name).
+    Backup {
+        /// The wal-sender to take the backup from (repeatable, as for `follow`).
+        #[arg(long = "sender", value_name = "HOST:PORT", required = true)]
+        senders: Vec<String>,
+        /// The repository's receiver name (slot walship_NAME); use the same name for the
+        /// `follow` that keeps REPO/wal current.
+        #[arg(long)]
+        name: String,
+        /// The backup repository (created if missing).
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// After the backup, keep only the newest N backups, and the WAL they need.
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+    /// Restore a backup from a repository into a new data directory, set up so that
+    /// `pg_ctl start` replays the archive to the target and stops there. Without a target it
+    /// replays to the end of the archive. Picks the newest backup that ends before the
+    /// target (the oldest for --target-xid and --target-name); every stored file is checked
+    /// against its checksum, and a damaged backup is refused.
+    Restore {
+        /// The backup repository.
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// The new data directory (created; must be empty or absent).
+        #[arg(long, value_name = "DIR")]
+        pgdata: PathBuf,
+        /// Replay up to this time: RFC 3339 in UTC, e.g. 2026-11-26T17:00:00Z.
+        #[arg(long, value_name = "TIME")]
+        target_time: Option<String>,
+        /// Replay up to this LSN.
+        #[arg(long, value_name = "LSN")]
+        target_lsn: Option<Lsn>,
+        /// Replay up to the commit of this transaction.
+        #[arg(long, value_name = "XID")]
+        target_xid: Option<String>,
+        /// Replay up to this restore point (pg_create_restore_point).
+        #[arg(long, value_name = "NAME")]
+        target_name: Option<String>,
+        /// What PostgreSQL does at the target.
+        #[arg(long, value_name = "ACTION", value_parser = ["pause", "promote", "shutdown"])]
+        target_action: Option<String>,
+        /// Restore this backup (an id from `backups`) instead of choosing one.
+        #[arg(long, value_name = "ID")]
+        backup: Option<String>,
+    },
+    /// List a repository's backups, their sizes, and the restorable range.
+    Backups {
+        /// The backup repository.
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the oldest backups beyond --keep, and the WAL no kept backup needs.
+    Prune {
+        /// The backup repository.
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// How many backups to keep (newest first).
+        #[arg(long, value_name = "N")]
+        keep: usize,
+    },
+    /// Check every stored backup file and WAL segment against its checksum, and the WAL
+    /// chain from each backup's start to the end of the archive. Names every problem; exits
+    /// 5 if there is one. Files verified before and unchanged since are not read again
+    /// unless --full.
+    Verify {
+        /// The backup repository.
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// Read everything, even what an earlier run found intact.
+        #[arg(long)]
+        full: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// TLS to the sender.
@@ -245,6 +329,7 @@ fn main() -> ExitCode {
                         pgdata,
                         wal_dir,
                         tablespace_mapping,
+                        tablespace_root: None,
                         restore_bin,
                         tls,
                         serve,
@@ -288,6 +373,110 @@ fn main() -> ExitCode {
             )),
             Err(e) => Err(e),
         },
+        Command::Backup {
+            senders,
+            name,
+            repo,
+            keep,
+            tls,
+        } => (|| {
+            let tls = tls.load()?;
+            let restore_bin = std::env::current_exe()?;
+            let record = runtime()?.block_on(wal_receiver::backup::backup(
+                wal_receiver::backup::BackupConfig {
+                    repo: repo.clone(),
+                    keep,
+                    snapshot: wal_receiver::bootstrap::BootstrapConfig {
+                        senders,
+                        name,
+                        pgdata: repo.clone(),
+                        wal_dir: repo.clone(),
+                        tablespace_mapping: Vec::new(),
+                        tablespace_root: None,
+                        restore_bin,
+                        tls,
+                        serve: None,
+                    },
+                },
+            ))?;
+            println!(
+                "backup {} complete: {} to {}, {} bytes stored as {}",
+                record.id, record.start_lsn, record.stop_lsn, record.bytes, record.stored_bytes
+            );
+            Ok(())
+        })(),
+        Command::Restore {
+            repo,
+            pgdata,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            target_action,
+            backup,
+        } => std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|restore_bin| {
+                let b = wal_receiver::backup::restore(&wal_receiver::backup::RestoreConfig {
+                    repo,
+                    pgdata: pgdata.clone(),
+                    target: wal_receiver::backup::Target {
+                        time: target_time,
+                        lsn: target_lsn,
+                        xid: target_xid,
+                        name: target_name,
+                        action: target_action,
+                    },
+                    backup,
+                    restore_bin,
+                })?;
+                println!(
+                    "restored backup {} into {}; start it with pg_ctl to replay the archive",
+                    b.id,
+                    pgdata.display()
+                );
+                Ok(())
+            }),
+        Command::Backups { repo, json } => {
+            wal_receiver::backup::listing(&repo).and_then(|l| {
+                if json {
+                    println!("{}", serde_json::to_string(&l)?);
+                } else {
+                    println!("{l}");
+                }
+                Ok(())
+            })
+        }
+        Command::Prune { repo, keep } => wal_receiver::backup::prune(&repo, keep),
+        Command::Verify { repo, full, json } => {
+            wal_receiver::backup::verify(&repo, full).and_then(|v| {
+                if json {
+                    println!("{}", serde_json::to_string(&v)?);
+                } else {
+                    for p in &v.problems {
+                        println!("PROBLEM: {p}");
+                    }
+                    println!(
+                        "{} backups; files read {}, unchanged and skipped {}; WAL segments read {}, skipped {}; {} problem(s)",
+                        v.backups,
+                        v.files_read,
+                        v.files_skipped,
+                        v.segments_read,
+                        v.segments_skipped,
+                        v.problems.len()
+                    );
+                }
+                if v.problems.is_empty() {
+                    Ok(())
+                } else {
+                    Err(Fatal {
+                        code: exit::STORE_CORRUPT,
+                        message: format!("{} problem(s) found", v.problems.len()),
+                    }
+                    .into())
+                }
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

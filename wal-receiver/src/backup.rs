@@ -1,0 +1,867 @@
+//! Backup repositories: base backups plus a continuous WAL archive, restore to any point in
+//! time, retention and verification.
+//!
+//! ```text
+//! <repo>/
+//!   wal/                          a WAL store, as `follow --wal-dir <repo>/wal` keeps it
+//!   backups/<id>/backup.json      the backup's record, written last: a backup without it is
+//!                                 incomplete and ignored (and removed by the next backup)
+//!   backups/<id>/backup_manifest  PostgreSQL's format, for pg_verifybackup
+//!   backups/<id>/files/<path>.zst every file of the data directory, zstd-compressed; its
+//!                                 size and CRC-32C are in backup.json
+//!   backups/<id>.staging/         while a backup runs: the snapshot, uncompressed
+//!   verified.json                 what `verify` has read and found intact (its cache)
+//! ```
+//!
+//! A backup is a snapshot taken exactly as `bootstrap` takes one (the sender's snapshot
+//! service), into a staging directory, with the WAL through its stop position stored in the
+//! repository's WAL store. It is then packed file by file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tracing::{info, warn};
+use walship_common::durable;
+use walship_common::{Lsn, SegmentNo, WalFileName};
+
+use crate::bootstrap::{self, BootstrapConfig};
+use crate::store::{read_state, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
+use crate::{exit, sealed, Fatal};
+
+pub const WAL_DIR: &str = "wal";
+pub const BACKUPS_DIR: &str = "backups";
+const RECORD: &str = "backup.json";
+const MANIFEST: &str = "backup_manifest";
+const FILES_DIR: &str = "files";
+const STAGING_SUFFIX: &str = ".staging";
+const VERIFIED: &str = "verified.json";
+/// zstd level for backup files: bulk data, where speed pays.
+const PACK_LEVEL: i32 = 3;
+
+/// One stored file of a backup.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Relative to the data directory, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub crc32c: u32,
+    /// Modification time, seconds since the Unix epoch.
+    pub mtime: i64,
+}
+
+/// `backup.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BackupRecord {
+    pub id: String,
+    pub system_identifier: String,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    /// RFC 3339, UTC.
+    pub start_time: String,
+    /// When the WAL through `stop_lsn` was stored: every commit before the stop position
+    /// happened before it.
+    pub stop_time: String,
+    pub pg_version: u32,
+    pub bytes: u64,
+    pub stored_bytes: u64,
+    pub dirs: Vec<String>,
+    pub files: Vec<FileRecord>,
+}
+
+impl BackupRecord {
+    fn start(&self) -> Result<Lsn> {
+        self.start_lsn.parse().map_err(|e| anyhow!("{e}"))
+    }
+    fn stop(&self) -> Result<Lsn> {
+        self.stop_lsn.parse().map_err(|e| anyhow!("{e}"))
+    }
+    fn stop_at(&self) -> Result<SystemTime> {
+        humantime::parse_rfc3339_weak(&self.stop_time)
+            .with_context(|| format!("backup {}: bad stop_time", self.id))
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// Settings of `wal-receiver backup`.
+pub struct BackupConfig {
+    pub repo: PathBuf,
+    /// The snapshot's settings; `pgdata` and `wal_dir` are set from `repo`.
+    pub snapshot: BootstrapConfig,
+    pub keep: Option<usize>,
+}
+
+/// Takes a base backup into the repository. Returns its record.
+pub async fn backup(cfg: BackupConfig) -> Result<BackupRecord> {
+    let repo = std::path::absolute(&cfg.repo)?;
+    let backups = repo.join(BACKUPS_DIR);
+    fs::create_dir_all(&backups).with_context(|| format!("create {}", backups.display()))?;
+    let wal_dir = repo.join(WAL_DIR);
+    // Leftovers of an interrupted backup.
+    for e in fs::read_dir(&backups)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "staging") || (p.is_dir() && !p.join(RECORD).exists())
+        {
+            warn!(dir = %p.display(), "removing an unfinished backup");
+            fs::remove_dir_all(&p).with_context(|| format!("remove {}", p.display()))?;
+        }
+    }
+    let start_time = now_rfc3339();
+    let id = start_time.replace(['-', ':'], "");
+    let staging = backups.join(format!("{id}{STAGING_SUFFIX}"));
+    let pgdata = staging.join("pgdata");
+    let started = Instant::now();
+    let mut scfg = cfg.snapshot;
+    scfg.pgdata = pgdata.clone();
+    scfg.wal_dir = wal_dir.clone();
+    scfg.tablespace_root = Some(staging.join("tablespaces"));
+    let snap = bootstrap::snapshot_with_wal(&scfg, &pgdata, &wal_dir).await?;
+    if !snap.tablespaces.is_empty() {
+        fs::remove_dir_all(&staging).ok();
+        return Err(Fatal {
+            code: exit::USAGE,
+            message: "the primary has tablespaces; backups of clusters with tablespaces are not supported yet (use bootstrap)".into(),
+        }
+        .into());
+    }
+    let stop_time = now_rfc3339();
+    let state = read_state(&wal_dir)
+        .map_err(crate::follow::store_fatal)?
+        .ok_or_else(|| anyhow!("the repository's WAL store has no state"))?;
+    // The labels go in as files of the backup, pg_control under its own name.
+    durable::write_atomic(&pgdata.join("backup_label"), snap.backup_label.as_bytes())?;
+    fs::rename(
+        pgdata.join(bootstrap::PG_CONTROL_STAGED),
+        pgdata.join(bootstrap::PG_CONTROL),
+    )
+    .context("name pg_control")?;
+    let _ = fs::remove_file(pgdata.join(bootstrap::MARKER));
+    let dir = backups.join(&id);
+    let record = tokio::task::spawn_blocking({
+        let (pgdata, dir, id) = (pgdata.clone(), dir.clone(), id.clone());
+        let meta = (snap.start_lsn, snap.stop_lsn, snap.timeline, snap.system_id);
+        move || pack(&pgdata, &dir, &id, meta, &state, start_time, stop_time)
+    })
+    .await??;
+    fs::remove_dir_all(&staging).with_context(|| format!("remove {}", staging.display()))?;
+    info!(
+        id = %record.id, start_lsn = %record.start_lsn, stop_lsn = %record.stop_lsn,
+        bytes = record.bytes, stored_bytes = record.stored_bytes, files = record.files.len(),
+        seconds = started.elapsed().as_secs_f64(), "backup complete"
+    );
+    if let Some(keep) = cfg.keep {
+        prune(&repo, keep)?;
+    }
+    Ok(record)
+}
+
+/// Packs the staged data directory into the backup directory `dir`, then writes its
+/// manifest and, last, its record.
+fn pack(
+    pgdata: &Path,
+    dir: &Path,
+    id: &str,
+    (start_lsn, stop_lsn, timeline, system_id): (Lsn, Lsn, u32, u64),
+    state: &StoreState,
+    start_time: String,
+    stop_time: String,
+) -> Result<BackupRecord> {
+    let files_dir = dir.join(FILES_DIR);
+    fs::create_dir_all(&files_dir)?;
+    let mut dirs = Vec::new();
+    let mut files = Vec::new();
+    let mut stack = vec![String::new()];
+    let (mut bytes, mut stored) = (0u64, 0u64);
+    while let Some(rel) = stack.pop() {
+        let here = if rel.is_empty() {
+            pgdata.to_owned()
+        } else {
+            pgdata.join(&rel)
+        };
+        let mut entries: Vec<_> = fs::read_dir(&here)?.collect::<std::io::Result<_>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                dirs.push(path.clone());
+                fs::create_dir_all(files_dir.join(&path))?;
+                stack.push(path);
+            } else if ft.is_file() {
+                let src = e.path();
+                let data = fs::read(&src).with_context(|| format!("read {}", src.display()))?;
+                let out_path = files_dir.join(format!("{path}.zst"));
+                let packed = zstd::bulk::compress(&data, PACK_LEVEL)?;
+                let mut out = File::create(&out_path)
+                    .with_context(|| format!("create {}", out_path.display()))?;
+                out.write_all(&packed)?;
+                durable::fsync_file(&out, &out_path)?;
+                bytes += data.len() as u64;
+                stored += packed.len() as u64;
+                files.push(FileRecord {
+                    path,
+                    size: data.len() as u64,
+                    crc32c: crc32c::crc32c(&data),
+                    mtime: e.metadata()?.mtime(),
+                });
+            }
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut all_dirs: Vec<PathBuf> = dirs.iter().map(|d| files_dir.join(d)).collect();
+    all_dirs.push(files_dir.clone());
+    for d in all_dirs.iter().rev() {
+        durable::fsync_dir(d)?;
+    }
+    let record = BackupRecord {
+        id: id.to_owned(),
+        system_identifier: system_id.to_string(),
+        timeline,
+        start_lsn: start_lsn.to_string(),
+        stop_lsn: stop_lsn.to_string(),
+        start_time,
+        stop_time,
+        pg_version: state.pg_version,
+        bytes,
+        stored_bytes: stored,
+        dirs,
+        files,
+    };
+    durable::write_atomic(&dir.join(MANIFEST), manifest(&record).as_bytes())?;
+    durable::write_atomic(
+        &dir.join(RECORD),
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
+    durable::fsync_dir(dir)?;
+    if let Some(parent) = dir.parent() {
+        durable::fsync_dir(parent)?;
+    }
+    Ok(record)
+}
+
+/// The backup's `backup_manifest` in PostgreSQL's format (version 1): every file with its
+/// size and CRC-32C, the WAL range, and the SHA-256 of everything before its last line.
+pub fn manifest(r: &BackupRecord) -> String {
+    let mut m = String::from("{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [\n");
+    for (i, f) in r.files.iter().enumerate() {
+        let modified = humantime::format_rfc3339_seconds(
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64),
+        )
+        .to_string()
+        .replace('T', " ")
+        .replace('Z', " GMT");
+        m.push_str(&format!(
+            "{{ \"Path\": {}, \"Size\": {}, \"Last-Modified\": \"{modified}\", \"Checksum-Algorithm\": \"CRC32C\", \"Checksum\": \"{}\" }}{}\n",
+            serde_json::Value::String(f.path.clone()),
+            f.size,
+            // PostgreSQL writes the checksum's bytes as they lie in memory: little-endian.
+            f.crc32c
+                .to_le_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+            if i + 1 < r.files.len() { "," } else { "" }
+        ));
+    }
+    m.push_str("],\n\"WAL-Ranges\": [\n");
+    m.push_str(&format!(
+        "{{ \"Timeline\": {}, \"Start-LSN\": \"{}\", \"End-LSN\": \"{}\" }}\n",
+        r.timeline, r.start_lsn, r.stop_lsn
+    ));
+    m.push_str("],\n");
+    let sum = sha2::Sha256::digest(m.as_bytes());
+    let hex: String = sum.iter().map(|b| format!("{b:02x}")).collect();
+    m.push_str(&format!("\"Manifest-Checksum\": \"{hex}\"}}\n"));
+    m
+}
+
+/// Every complete backup of the repository, oldest first.
+pub fn list(repo: &Path) -> Result<Vec<BackupRecord>> {
+    let dir = repo.join(BACKUPS_DIR);
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("list {}", dir.display())),
+    };
+    for e in entries {
+        let p = e?.path().join(RECORD);
+        let Ok(text) = fs::read(&p) else { continue };
+        let r: BackupRecord =
+            serde_json::from_slice(&text).with_context(|| format!("parse {}", p.display()))?;
+        out.push(r);
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// What `backups` prints.
+#[derive(Serialize)]
+pub struct Listing {
+    pub backups: Vec<ListedBackup>,
+    /// The earliest time a restore can target (the oldest backup's stop time).
+    pub restorable_from_time: Option<String>,
+    /// The end of the WAL archive: a restore without a target replays to here.
+    pub restorable_to_lsn: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct ListedBackup {
+    pub id: String,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_time: String,
+    pub stop_time: String,
+    pub bytes: u64,
+    pub stored_bytes: u64,
+    pub files: usize,
+}
+
+pub fn listing(repo: &Path) -> Result<Listing> {
+    let backups = list(repo)?;
+    let flush = read_state(&repo.join(WAL_DIR))
+        .map_err(crate::follow::store_fatal)?
+        .map(|s| s.flush_lsn.to_string());
+    Ok(Listing {
+        restorable_from_time: backups.first().map(|b| b.stop_time.clone()),
+        restorable_to_lsn: flush.filter(|_| !backups.is_empty()),
+        backups: backups
+            .into_iter()
+            .map(|b| ListedBackup {
+                files: b.files.len(),
+                id: b.id,
+                timeline: b.timeline,
+                start_lsn: b.start_lsn,
+                stop_lsn: b.stop_lsn,
+                start_time: b.start_time,
+                stop_time: b.stop_time,
+                bytes: b.bytes,
+                stored_bytes: b.stored_bytes,
+            })
+            .collect(),
+    })
+}
+
+impl std::fmt::Display for Listing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<18} {:>3} {:>12} {:>12} {:<21} {:>10} {:>10}",
+            "backup", "tl", "start", "stop", "stopped at (UTC)", "size", "stored"
+        )?;
+        for b in &self.backups {
+            writeln!(
+                f,
+                "{:<18} {:>3} {:>12} {:>12} {:<21} {:>9}M {:>9}M",
+                b.id,
+                b.timeline,
+                b.start_lsn,
+                b.stop_lsn,
+                b.stop_time,
+                b.bytes >> 20,
+                b.stored_bytes >> 20
+            )?;
+        }
+        match (&self.restorable_from_time, &self.restorable_to_lsn) {
+            (Some(from), Some(to)) => write!(
+                f,
+                "restorable: from {from} to the end of the WAL archive at {to}"
+            ),
+            _ => write!(f, "no backups: nothing is restorable"),
+        }
+    }
+}
+
+/// Removes the oldest backups beyond `keep`, and the sealed WAL that no kept backup needs.
+/// WAL from the oldest kept backup's start on is never removed, nor the segment being
+/// written, nor history files.
+pub fn prune(repo: &Path, keep: usize) -> Result<()> {
+    if keep == 0 {
+        bail!("--keep must be at least 1");
+    }
+    let backups = list(repo)?;
+    let n = backups.len().saturating_sub(keep);
+    for b in &backups[..n] {
+        let dir = repo.join(BACKUPS_DIR).join(&b.id);
+        // Without its record the backup no longer counts, whatever happens next.
+        durable::remove_durable(&dir.join(RECORD))?;
+        fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+        info!(id = %b.id, "removed backup");
+    }
+    let Some(oldest) = backups.get(n) else {
+        return Ok(());
+    };
+    let wal_dir = repo.join(WAL_DIR);
+    let Some(state) = read_state(&wal_dir).map_err(crate::follow::store_fatal)? else {
+        return Ok(());
+    };
+    let first_needed = state.seg_size.segment_of(oldest.start()?);
+    let mut removed = 0;
+    for e in fs::read_dir(&wal_dir)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        let Some(base) = name.strip_suffix(SEALED_SUFFIX) else {
+            continue;
+        };
+        if let Some(WalFileName::Segment { segno, .. }) = WalFileName::parse(base, state.seg_size) {
+            if segno < first_needed {
+                durable::remove_durable(&wal_dir.join(&name))?;
+                removed += 1;
+            }
+        }
+    }
+    info!(
+        kept = backups.len() - n,
+        removed_backups = n,
+        removed_segments = removed,
+        "retention applied"
+    );
+    Ok(())
+}
+
+/// The segments of the store from `from` through `to`: which exist, which are missing.
+fn wal_chain(wal_dir: &Path, state: &StoreState, from: Lsn, to: Lsn) -> Result<Vec<String>> {
+    let mut present: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for e in fs::read_dir(wal_dir)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        let (base, sealed) = match (
+            name.strip_suffix(SEALED_SUFFIX),
+            name.strip_suffix(PARTIAL_SUFFIX),
+        ) {
+            (Some(b), _) => (b, true),
+            (_, Some(b)) => (b, false),
+            _ => continue,
+        };
+        if let Some(WalFileName::Segment { timeline, segno }) =
+            WalFileName::parse(base, state.seg_size)
+        {
+            // A .partial counts only if it is the segment being written (or an old
+            // timeline's last one); recycled files past the flush position do not.
+            if !sealed
+                && timeline == state.timeline
+                && state.seg_size.segment_start(segno) >= state.flush_lsn
+            {
+                continue;
+            }
+            present.entry(segno.0).or_default().push(name);
+        }
+    }
+    let mut missing = Vec::new();
+    let last = state
+        .seg_size
+        .segment_of(Lsn(to.0.saturating_sub(1)).max(from));
+    for segno in state.seg_size.segment_of(from).0..=last.0 {
+        if !present.contains_key(&segno) {
+            missing.push(
+                WalFileName::Segment {
+                    timeline: state.timeline,
+                    segno: SegmentNo(segno),
+                }
+                .to_name(state.seg_size),
+            );
+        }
+    }
+    Ok(missing)
+}
+
+/// A recovery target.
+#[derive(Clone, Debug, Default)]
+pub struct Target {
+    pub time: Option<String>,
+    pub lsn: Option<Lsn>,
+    pub xid: Option<String>,
+    pub name: Option<String>,
+    /// pause, promote or shutdown.
+    pub action: Option<String>,
+}
+
+/// Settings of `wal-receiver restore`.
+pub struct RestoreConfig {
+    pub repo: PathBuf,
+    pub pgdata: PathBuf,
+    pub target: Target,
+    pub backup: Option<String>,
+    pub restore_bin: PathBuf,
+}
+
+fn refuse(message: String) -> anyhow::Error {
+    Fatal {
+        code: exit::MISMATCH,
+        message,
+    }
+    .into()
+}
+
+/// Restores a backup into a new data directory, set up to replay the archive to the target.
+pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
+    let repo = std::path::absolute(&cfg.repo)?;
+    let pgdata = std::path::absolute(&cfg.pgdata)?;
+    let wal_dir = repo.join(WAL_DIR);
+    let backups = list(&repo)?;
+    if backups.is_empty() {
+        return Err(refuse(format!(
+            "{} holds no complete backup",
+            repo.display()
+        )));
+    }
+    let state = read_state(&wal_dir)
+        .map_err(crate::follow::store_fatal)?
+        .ok_or_else(|| refuse("the repository has no WAL archive".into()))?;
+    let t = &cfg.target;
+    let targets = [
+        t.time.is_some(),
+        t.lsn.is_some(),
+        t.xid.is_some(),
+        t.name.is_some(),
+    ];
+    if targets.iter().filter(|&&x| x).count() > 1 {
+        return Err(Fatal {
+            code: exit::USAGE,
+            message: "give at most one of --target-time, --target-lsn, --target-xid, --target-name"
+                .into(),
+        }
+        .into());
+    }
+    let chosen = match &cfg.backup {
+        Some(id) => backups
+            .iter()
+            .find(|b| &b.id == id)
+            .ok_or_else(|| refuse(format!("there is no backup {id}")))?,
+        None => {
+            if let Some(lsn) = t.lsn {
+                if lsn > state.flush_lsn {
+                    return Err(refuse(format!(
+                        "target {lsn} is past the end of the WAL archive ({}); no backup plus archive reaches it",
+                        state.flush_lsn
+                    )));
+                }
+                let mut ok = Vec::new();
+                for b in &backups {
+                    if b.stop()? <= lsn {
+                        ok.push(b);
+                    }
+                }
+                ok.pop().ok_or_else(|| {
+                    refuse(format!(
+                        "target {lsn} is before the end of the oldest backup ({} ends at {}); no backup can reach it",
+                        backups[0].id, backups[0].stop_lsn
+                    ))
+                })?
+            } else if let Some(time) = &t.time {
+                let at = humantime::parse_rfc3339_weak(time).map_err(|e| Fatal {
+                    code: exit::USAGE,
+                    message: format!(
+                        "--target-time {time:?}: {e}; write it as 2026-11-26T17:00:00Z (UTC)"
+                    ),
+                })?;
+                let mut ok = Vec::new();
+                for b in &backups {
+                    if b.stop_at()? <= at {
+                        ok.push(b);
+                    }
+                }
+                ok.pop().ok_or_else(|| {
+                    refuse(format!(
+                        "target {time} is before the oldest backup ended ({} at {}); no backup can reach it",
+                        backups[0].id, backups[0].stop_time
+                    ))
+                })?
+            } else if t.xid.is_some() || t.name.is_some() {
+                // Where a transaction or a restore point lies is known only by replaying:
+                // the oldest backup reaches every one the archive holds.
+                &backups[0]
+            } else {
+                backups.last().expect("not empty")
+            }
+        }
+    };
+    let start = chosen.start()?;
+    let end = t.lsn.unwrap_or(state.flush_lsn);
+    let missing = wal_chain(&wal_dir, &state, start, end)?;
+    if !missing.is_empty() {
+        return Err(refuse(format!(
+            "the WAL archive has a gap: {} segment(s) missing between backup {}'s start {start} and {end}, first {}; this backup cannot be restored to the target. Run 'wal-receiver verify'",
+            missing.len(),
+            chosen.id,
+            missing[0]
+        )));
+    }
+    if fs::read_dir(&pgdata).is_ok_and(|mut rd| rd.next().is_some()) {
+        return Err(Fatal {
+            code: exit::TARGET_NOT_EMPTY,
+            message: format!(
+                "{} is not empty; restore into a new or empty directory",
+                pgdata.display()
+            ),
+        }
+        .into());
+    }
+    info!(backup = %chosen.id, start_lsn = %chosen.start_lsn, stop_lsn = %chosen.stop_lsn, "restoring");
+    let result = unpack(&repo, chosen, &pgdata)
+        .and_then(|()| write_recovery(&pgdata, &wal_dir, &cfg.restore_bin, t));
+    if let Err(e) = result {
+        // Never leave a directory PostgreSQL could be started on.
+        let _ = fs::remove_dir_all(&pgdata);
+        return Err(e);
+    }
+    Ok(chosen.clone())
+}
+
+/// Decompresses every file of `b` into `pgdata`, checking each one's size and CRC-32C.
+fn unpack(repo: &Path, b: &BackupRecord, pgdata: &Path) -> Result<()> {
+    let src = repo.join(BACKUPS_DIR).join(&b.id);
+    fs::create_dir_all(pgdata)?;
+    fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700))?;
+    let mut dirs = vec![pgdata.to_owned()];
+    for d in &b.dirs {
+        let p = safe_join(pgdata, d)?;
+        fs::create_dir_all(&p)?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o700))?;
+        dirs.push(p);
+    }
+    for f in &b.files {
+        let data = read_packed(&src, f).map_err(|e| Fatal {
+            code: exit::STORE_CORRUPT,
+            message: format!("backup {} is damaged: {e:#}; refusing to restore it", b.id),
+        })?;
+        let out = safe_join(pgdata, &f.path)?;
+        let mut file = std::os::unix::fs::OpenOptionsExt::mode(
+            fs::OpenOptions::new().write(true).create_new(true),
+            0o600,
+        )
+        .open(&out)
+        .with_context(|| format!("create {}", out.display()))?;
+        file.write_all(&data)?;
+        durable::fsync_file(&file, &out)?;
+    }
+    durable::write_atomic(&pgdata.join(MANIFEST), &fs::read(src.join(MANIFEST))?)?;
+    for d in dirs.iter().rev() {
+        durable::fsync_dir(d)?;
+    }
+    Ok(())
+}
+
+/// `root/rel` for a relative path from a backup record, refused if it could leave `root`.
+fn safe_join(root: &Path, rel: &str) -> Result<PathBuf> {
+    let parts = crate::paths::components(rel)?;
+    let mut p = root.to_owned();
+    for c in parts {
+        p.push(c);
+    }
+    Ok(p)
+}
+
+/// A stored file, decompressed and checked against its record.
+fn read_packed(dir: &Path, f: &FileRecord) -> Result<Vec<u8>> {
+    let path = safe_join(&dir.join(FILES_DIR), &format!("{}.zst", f.path))?;
+    let file = File::open(&path).with_context(|| format!("{}: missing", f.path))?;
+    let mut dec = zstd::stream::read::Decoder::new(file)?;
+    let mut data = Vec::with_capacity(f.size.min(1 << 30) as usize);
+    // One byte more than recorded shows a file that grew.
+    (&mut dec)
+        .take(f.size + 1)
+        .read_to_end(&mut data)
+        .with_context(|| format!("{}: cannot be decompressed (truncated or damaged)", f.path))?;
+    if data.len() as u64 != f.size {
+        bail!("{}: {} bytes instead of {}", f.path, data.len(), f.size);
+    }
+    let crc = crc32c::crc32c(&data);
+    if crc != f.crc32c {
+        bail!("{}: checksum {crc:08x} instead of {:08x}", f.path, f.crc32c);
+    }
+    Ok(data)
+}
+
+/// Recovery settings: restore_command from the repository, the target, recovery.signal.
+fn write_recovery(pgdata: &Path, wal_dir: &Path, restore_bin: &Path, t: &Target) -> Result<()> {
+    let auto = pgdata.join("postgresql.auto.conf");
+    let mut conf = fs::read_to_string(&auto).unwrap_or_default();
+    if !conf.is_empty() && !conf.ends_with('\n') {
+        conf.push('\n');
+    }
+    let q = |s: &str| s.replace('\'', "''");
+    let restore = format!(
+        "{} restore-wal --wal-dir {} %f %p",
+        bootstrap::shell_quote(&restore_bin.display().to_string()),
+        bootstrap::shell_quote(&wal_dir.display().to_string())
+    );
+    conf.push_str("# Added by wal-receiver restore: replay the repository's WAL archive.\n");
+    conf.push_str(&format!("restore_command = '{}'\n", q(&restore)));
+    // A restored server must not stream from, or act for, the cluster it was copied from.
+    conf.push_str("primary_conninfo = ''\n");
+    if let Some(v) = &t.time {
+        let at = humantime::parse_rfc3339_weak(v)?;
+        // PostgreSQL's form: a space, not 'T', and an explicit +00 for UTC.
+        let pg_time = humantime::format_rfc3339_micros(at)
+            .to_string()
+            .replace('T', " ")
+            .replace('Z', "+00");
+        conf.push_str(&format!("recovery_target_time = '{pg_time}'\n"));
+    }
+    if let Some(v) = t.lsn {
+        conf.push_str(&format!("recovery_target_lsn = '{v}'\n"));
+    }
+    if let Some(v) = &t.xid {
+        conf.push_str(&format!("recovery_target_xid = '{}'\n", q(v)));
+    }
+    if let Some(v) = &t.name {
+        conf.push_str(&format!("recovery_target_name = '{}'\n", q(v)));
+    }
+    if let Some(v) = &t.action {
+        conf.push_str(&format!("recovery_target_action = '{}'\n", q(v)));
+    }
+    durable::write_atomic(&auto, conf.as_bytes())?;
+    durable::write_atomic(&pgdata.join("recovery.signal"), b"")?;
+    Ok(())
+}
+
+/// What `verify` found.
+#[derive(Default, Serialize)]
+pub struct Verified {
+    pub backups: usize,
+    pub files_read: usize,
+    pub files_skipped: usize,
+    pub segments_read: usize,
+    pub segments_skipped: usize,
+    pub problems: Vec<String>,
+}
+
+/// The cache of `verify`: files found intact, by path, with the size and modification time
+/// they had. A file whose size or time changed is read again.
+#[derive(Default, Serialize, Deserialize)]
+struct Cache {
+    intact: BTreeMap<String, (u64, i64)>,
+}
+
+fn stamp(path: &Path) -> Option<(u64, i64)> {
+    fs::metadata(path)
+        .ok()
+        .map(|m| (m.size(), m.mtime_nsec() + m.mtime() * 1_000_000_000))
+}
+
+/// Runs `check` on `path` unless the cache says it was found intact with the same size and
+/// time. `None`: skipped. What is intact goes into `next`.
+fn cached_check(
+    cache: &Cache,
+    next: &mut Cache,
+    key: String,
+    path: &Path,
+    check: impl FnOnce() -> Result<()>,
+) -> Option<Result<()>> {
+    let st = stamp(path);
+    if let Some(st) = st.filter(|s| cache.intact.get(&key) == Some(s)) {
+        next.intact.insert(key, st);
+        return None;
+    }
+    let r = check();
+    if let (Ok(()), Some(st)) = (&r, st) {
+        next.intact.insert(key, st);
+    }
+    Some(r)
+}
+
+/// Checks every stored file and the WAL chain from each backup's start to the end of the
+/// archive. With `full`, also what the cache says was intact.
+pub fn verify(repo: &Path, full: bool) -> Result<Verified> {
+    let cache_path = repo.join(VERIFIED);
+    let mut cache: Cache = if full {
+        Cache::default()
+    } else {
+        fs::read(&cache_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    let mut v = Verified::default();
+    let mut next = Cache::default();
+    let backups = list(repo)?;
+    v.backups = backups.len();
+    for b in &backups {
+        let dir = repo.join(BACKUPS_DIR).join(&b.id);
+        if !dir.join(MANIFEST).exists() {
+            v.problems
+                .push(format!("backup {}: backup_manifest is missing", b.id));
+        }
+        for f in &b.files {
+            let key = format!("{}/{FILES_DIR}/{}.zst", b.id, f.path);
+            let path = dir.join(FILES_DIR).join(format!("{}.zst", f.path));
+            match cached_check(&cache, &mut next, key, &path, || {
+                read_packed(&dir, f).map(drop)
+            }) {
+                None => v.files_skipped += 1,
+                Some(r) => {
+                    v.files_read += 1;
+                    if let Err(e) = r {
+                        v.problems.push(format!("backup {}: {e:#}", b.id));
+                    }
+                }
+            }
+        }
+    }
+    let wal_dir = repo.join(WAL_DIR);
+    if let (Some(state), Some(oldest)) = (
+        read_state(&wal_dir).map_err(crate::follow::store_fatal)?,
+        backups.first(),
+    ) {
+        for b in &backups {
+            for name in wal_chain(&wal_dir, &state, b.start()?, state.flush_lsn)? {
+                v.problems.push(format!(
+                    "WAL segment {name} is missing: backup {} cannot be restored past it",
+                    b.id
+                ));
+            }
+        }
+        v.problems.sort();
+        v.problems.dedup();
+        // Every sealed segment from the oldest backup's start on.
+        let first = state.seg_size.segment_of(oldest.start()?);
+        let mut names: BTreeSet<String> = BTreeSet::new();
+        for e in fs::read_dir(&wal_dir)? {
+            names.insert(e?.file_name().to_string_lossy().into_owned());
+        }
+        for name in names {
+            let Some(base) = name.strip_suffix(SEALED_SUFFIX) else {
+                continue;
+            };
+            let Some(WalFileName::Segment { segno, .. }) = WalFileName::parse(base, state.seg_size)
+            else {
+                continue;
+            };
+            if segno < first {
+                continue;
+            }
+            let key = format!("{WAL_DIR}/{name}");
+            let path = wal_dir.join(&name);
+            let check = || {
+                sealed::read_sealed(&path, state.seg_size.bytes(), &mut std::io::sink()).map(drop)
+            };
+            match cached_check(&cache, &mut next, key, &path, check) {
+                None => v.segments_skipped += 1,
+                Some(r) => {
+                    v.segments_read += 1;
+                    if let Err(e) = r {
+                        v.problems.push(format!("WAL segment {name}: {e:#}"));
+                    }
+                }
+            }
+        }
+    }
+    cache = next;
+    durable::write_atomic(&cache_path, serde_json::to_string(&cache)?.as_bytes())?;
+    Ok(v)
+}
