@@ -196,6 +196,52 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // scripts/backup.sh, as cron runs it: one summary line and an exit code.
+    let script = |args: &[&str]| -> Result<(Option<i32>, String)> {
+        let mut c = as_postgres(Command::new(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/backup.sh"),
+        ));
+        c.arg("--bin")
+            .arg(bin("wal-receiver").parent().context("bin dir")?)
+            .args(args);
+        let out = c.output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+    let repo_arg = repo.display().to_string();
+    let (code, line) = script(&[
+        "--sender",
+        &sender.addr,
+        "--name",
+        "repo",
+        "--repo",
+        &repo_arg,
+        "--keep",
+        "1",
+    ])?;
+    assert_eq!(code, Some(0), "{line}");
+    assert!(
+        line.starts_with("walship-backup OK ")
+            && line.contains(" backups=1")
+            && line.lines().count() == 1,
+        "{line}"
+    );
+    let (code, line) = script(&[
+        "--sender",
+        &sender.addr,
+        "--name",
+        "Bad-Name",
+        "--repo",
+        &repo_arg,
+    ])?;
+    assert_eq!(code, Some(2), "{line}");
+    assert!(
+        line.starts_with("walship-backup FAILED ") && line.contains("exit=2"),
+        "{line}"
+    );
     Ok(())
 }
 

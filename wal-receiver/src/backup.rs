@@ -103,6 +103,10 @@ pub struct BackupConfig {
 
 /// Takes a base backup into the repository. Returns its record.
 pub async fn backup(cfg: BackupConfig) -> Result<BackupRecord> {
+    walship_common::protocol::validate_name(&cfg.snapshot.name).map_err(|m| Fatal {
+        code: exit::USAGE,
+        message: m,
+    })?;
     let repo = std::path::absolute(&cfg.repo)?;
     let backups = repo.join(BACKUPS_DIR);
     fs::create_dir_all(&backups).with_context(|| format!("create {}", backups.display()))?;
