@@ -23,7 +23,12 @@
 # clock_timestamp() - pg_last_xact_replay_timestamp(): the age of the newest replayed commit,
 # which under a steady load is the commit-to-visible lag. p50 and p99, and primary TPS.
 #
-# Environment: BENCH_PARTS ("bootstrap streaming replay"), BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
+# Restore: a scale-$BENCH_SCALE base backup plus $BENCH_RESTORE_SECONDS s of pgbench WAL after
+# it, restored until the server runs (recovery ended): `wal-receiver restore` from a backup
+# repository vs pg_basebackup's plain copy (cp -a) plus replay from a pg_receivewal directory
+# (restore_command = cp), and `pgbackrest restore` when Debian's pgbackrest can be installed.
+#
+# Environment: BENCH_PARTS ("bootstrap streaming replay catchup restore"), BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
 # BENCH_RUNS (default 3), BENCH_OUT (default bench-results.json), BENCH_SETUPS (default
 # "none pg_receivewal walship"), BENCH_ZSTD_LEVEL (the sender's --zstd-level, default 3),
 # BENCH_KEEP=1 keeps the temporary directory.
@@ -79,7 +84,7 @@ SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
 SENDER_PID=$!
 PIDS+=("$SENDER_PID")
 sleep 1
-PARTS=${BENCH_PARTS:-bootstrap streaming replay catchup}
+PARTS=${BENCH_PARTS:-bootstrap streaming replay catchup restore}
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICKS=$(getconf CLK_TCK)
@@ -403,6 +408,97 @@ if [[ " $PARTS " == *" catchup "* ]]; then
     done
 fi
 
+# ---------------------------------------------------------------------------------------
+# Restore: the same base backup and WAL, restored three ways, timed until the restored
+# server has finished recovery and accepts writes.
+# ---------------------------------------------------------------------------------------
+RESTORE="$WORK/restore.jsonl"
+: > "$RESTORE"
+RESTORE_SECONDS=${BENCH_RESTORE_SECONDS:-30}
+restore_one() {  # tool run -> JSON
+    local tool=$1 run=$2 d="$WORK/restored-$1-$2" sock="$WORK/restored-sock"
+    as_pg mkdir -p "$sock"
+    local t0 t1; t0=$(date +%s.%N)
+    case $tool in
+        walship)
+            as_pg "$BIN/wal-receiver" restore --repo "$WORK/repo" --pgdata "$d" >/dev/null ;;
+        pg_basebackup)
+            as_pg cp -a "$WORK/pgbb" "$d"
+            as_pg touch "$d/recovery.signal"
+            printf "restore_command = 'cp %s/%%f %%p'\n" "$WORK/pgrw" | as_pg tee -a "$d/postgresql.auto.conf" >/dev/null ;;
+        pgbackrest)
+            as_pg mkdir -m 700 "$d"
+            as_pg pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench --pg1-path="$d" restore >/dev/null ;;
+    esac
+    as_pg "$PG_BIN/pg_ctl" -D "$d" -l "$d.log" -w -t 600 start \
+        -o "-c unix_socket_directories='$sock' -c port=5433 -c listen_addresses='' -c archive_mode=off" >/dev/null
+    until [ "$("$PG_BIN/psql" -XAtq -d "host=$sock port=5433 user=postgres dbname=postgres" -c 'SELECT pg_is_in_recovery()' 2>/dev/null)" = f ]; do
+        sleep 0.05
+    done
+    t1=$(date +%s.%N)
+    as_pg "$PG_BIN/pg_ctl" -D "$d" stop -m immediate >/dev/null
+    rm -rf "$d"
+    printf '{"tool":"%s","run":%s,"seconds":%s}\n' "$tool" "$run" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')"
+}
+if [[ " $PARTS " == *" restore "* ]]; then
+    RESTORE_TOOLS=(pg_basebackup walship)
+    if ! command -v pgbackrest >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        say "restore: installing pgbackrest for the comparison"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbackrest >/dev/null 2>&1 || true
+    fi
+    if command -v pgbackrest >/dev/null 2>&1; then
+        say "restore: pgbackrest: archive_command on the primary, stanza, full backup"
+        as_pg mkdir -p "$WORK/pgbackrest-repo"
+        printf '[global]\nrepo1-path=%s\ncompress-type=zst\nlog-level-console=warn\nlog-path=%s\nlock-path=%s\n[bench]\npg1-path=%s\npg1-socket-path=%s\npg1-port=5432\n' \
+            "$WORK/pgbackrest-repo" "$WORK" "$WORK" "$WORK/primary" "$WORK/sock" > "$WORK/pgbackrest.conf"
+        chmod 644 "$WORK/pgbackrest.conf"
+        printf "archive_mode = on\narchive_command = 'pgbackrest --config=%s --stanza=bench archive-push %%p'\n" \
+            "$WORK/pgbackrest.conf" | as_pg tee -a "$WORK/primary/postgresql.conf" >/dev/null
+        as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w restart >/dev/null
+        if as_pg pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench stanza-create >/dev/null \
+            && as_pg pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench --type=full backup >/dev/null; then
+            RESTORE_TOOLS+=(pgbackrest)
+        else
+            say "restore: pgbackrest could not be set up; comparing without it"
+        fi
+    else
+        say "restore: pgbackrest is not installable here; comparing without it"
+    fi
+    say "restore: walship backup repository (follow + backup), pg_receivewal + pg_basebackup"
+    as_pg mkdir -p "$WORK/repo" "$WORK/pgrw"
+    as_pg "$BIN/wal-receiver" follow --sender "127.0.0.1:$SENDER_PORT" --name bench_repo --wal-dir "$WORK/repo/wal" > "$WORK/repo-follow.log" 2>&1 &
+    PIDS+=("$!")
+    psql_ "SELECT pg_create_physical_replication_slot('bench_pgrw', true)" >/dev/null
+    as_pg "$PG_BIN/pg_receivewal" -d "$CONN" -S bench_pgrw -D "$WORK/pgrw" -n > "$WORK/pgrw.log" 2>&1 &
+    PIDS+=("$!")
+    sleep 1
+    as_pg "$BIN/wal-receiver" backup --sender "127.0.0.1:$SENDER_PORT" --name bench_repo --repo "$WORK/repo" >/dev/null 2>"$WORK/repo-backup.log"
+    as_pg "$PG_BIN/pg_basebackup" -d "$CONN" -D "$WORK/pgbb" -Fp -X none -c fast >/dev/null
+    say "restore: pgbench -c 4 -T $RESTORE_SECONDS after the backups"
+    "$PG_BIN/pgbench" -n -c 4 -T "$RESTORE_SECONDS" "$CONN" >/dev/null 2>&1
+    end=$(psql_ "SELECT pg_current_wal_flush_lsn()")
+    last=$(psql_ "SELECT pg_walfile_name(pg_current_wal_flush_lsn())")
+    psql_ "SELECT pg_switch_wal()" >/dev/null
+    psql_ "SELECT pg_switch_wal()" >/dev/null
+    # Every archive holds every segment through the one that held the end of the load.
+    until [ -f "$WORK/pgrw/$last" ]; do sleep 0.2; done
+    until [ "$(psql_ "SELECT coalesce((SELECT flush_lsn >= '$end'::pg_lsn FROM pg_stat_replication WHERE application_name = 'bench_repo'), false)")" = t ]; do sleep 0.2; done
+    if [[ " ${RESTORE_TOOLS[*]} " == *" pgbackrest "* ]]; then
+        until as_pg pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench archive-get "$last" "$WORK/probe-$last" >/dev/null 2>&1; do sleep 0.5; done
+    fi
+    backup_start=$(as_pg "$BIN/wal-receiver" backups --repo "$WORK/repo" --json | sed -E 's/.*"start_lsn":"([^"]*)".*/\1/')
+    wal_mb=$(psql_ "SELECT round(('$end'::pg_lsn - '$backup_start'::pg_lsn) / 1048576)")
+    say "restore: $wal_mb MB of WAL to replay after the backup"
+    for run in $(seq "$RUNS"); do
+        n=${#RESTORE_TOOLS[@]}
+        for i in $(seq 0 $((n - 1))); do
+            tool=${RESTORE_TOOLS[$(( (i + run) % n ))]}
+            say "restore run $run/$RUNS: $tool"
+            restore_one "$tool" "$run" | tee -a "$RESTORE" >&2
+        done
+    done
+fi
+
 # median FILE MATCH FIELD: the median of FIELD over the JSON lines of FILE that contain
 # MATCH; "null" when there is none.
 median() {
@@ -438,6 +534,21 @@ if [ -s "$CATCHUP" ]; then
             printf '%-24s %16s %14s %14s\n' "$f" "$a" "$b" "$ratio"
         done
     } | tee "$WORK/catchup-table.txt"
+fi
+
+restore_median() { median "$RESTORE" "\"tool\":\"$1\"" seconds; }
+if [ -s "$RESTORE" ]; then
+    {
+        printf '\nRestore to a running server, scale %s base backup plus %s s of pgbench WAL (%s MB), median of %s runs\n\n' "$SCALE" "$RESTORE_SECONDS" "${wal_mb:-?}" "$RUNS"
+        printf '%-34s %10s %14s\n' tool seconds "walship/tool"
+        w=$(restore_median walship)
+        for t in pg_basebackup pgbackrest walship; do
+            a=$(restore_median "$t")
+            [ "$a" = null ] && continue
+            label=$t; [ "$t" = pg_basebackup ] && label="pg_basebackup + pg_receivewal WAL"
+            printf '%-34s %10s %14s\n' "$label" "$a" "$(ratio "$a" "$w")"
+        done
+    } | tee "$WORK/restore-table.txt"
 fi
 
 replay_median() { median "$REPLAY" "\"feed\":\"$1\"" "$2"; }  # feed field
@@ -485,6 +596,8 @@ FIELDS=(tps latency_ms flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flu
     paste -sd, "$REPLAY"
     printf '],"catchup":['
     paste -sd, "$CATCHUP"
+    printf '],"restore":['
+    paste -sd, "$RESTORE"
     printf ']}\n'
 } > "$(cd "$ROOT" && realpath -m "$OUT")"
 say "raw numbers: $OUT"
