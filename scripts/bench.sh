@@ -430,6 +430,7 @@ restore_one() {  # tool run -> JSON
             as_pg mkdir -m 700 "$d"
             as_pg pgbackrest --config="$WORK/pgbackrest.conf" --stanza=bench --pg1-path="$d" restore >/dev/null ;;
     esac
+    local tm; tm=$(date +%s.%N)
     as_pg "$PG_BIN/pg_ctl" -D "$d" -l "$d.log" -w -t 600 start \
         -o "-c unix_socket_directories='$sock' -c port=5433 -c listen_addresses='' -c archive_mode=off" >/dev/null
     until [ "$("$PG_BIN/psql" -XAtq -d "host=$sock port=5433 user=postgres dbname=postgres" -c 'SELECT pg_is_in_recovery()' 2>/dev/null)" = f ]; do
@@ -438,7 +439,10 @@ restore_one() {  # tool run -> JSON
     t1=$(date +%s.%N)
     as_pg "$PG_BIN/pg_ctl" -D "$d" stop -m immediate >/dev/null
     rm -rf "$d"
-    printf '{"tool":"%s","run":%s,"seconds":%s}\n' "$tool" "$run" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')"
+    printf '{"tool":"%s","run":%s,"seconds":%s,"copy_s":%s,"replay_s":%s}\n' "$tool" "$run" \
+        "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')" \
+        "$(awk -v a="$t0" -v b="$tm" 'BEGIN {printf "%.2f", b - a}')" \
+        "$(awk -v a="$tm" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')"
 }
 if [[ " $PARTS " == *" restore "* ]]; then
     RESTORE_TOOLS=(pg_basebackup walship)
@@ -536,17 +540,18 @@ if [ -s "$CATCHUP" ]; then
     } | tee "$WORK/catchup-table.txt"
 fi
 
-restore_median() { median "$RESTORE" "\"tool\":\"$1\"" seconds; }
+restore_median() { median "$RESTORE" "\"tool\":\"$1\"" "${2:-seconds}"; }
 if [ -s "$RESTORE" ]; then
     {
         printf '\nRestore to a running server, scale %s base backup plus %s s of pgbench WAL (%s MB), median of %s runs\n\n' "$SCALE" "$RESTORE_SECONDS" "${wal_mb:-?}" "$RUNS"
-        printf '%-34s %10s %14s\n' tool seconds "walship/tool"
+        printf '%-34s %10s %10s %10s %14s\n' tool seconds copy_s replay_s "walship/tool"
         w=$(restore_median walship)
         for t in pg_basebackup pgbackrest walship; do
             a=$(restore_median "$t")
             [ "$a" = null ] && continue
             label=$t; [ "$t" = pg_basebackup ] && label="pg_basebackup + pg_receivewal WAL"
-            printf '%-34s %10s %14s\n' "$label" "$a" "$(ratio "$a" "$w")"
+            printf '%-34s %10s %10s %10s %14s\n' "$label" "$a" "$(restore_median "$t" copy_s)" \
+                "$(restore_median "$t" replay_s)" "$(ratio "$a" "$w")"
         done
     } | tee "$WORK/restore-table.txt"
 fi
