@@ -418,6 +418,8 @@ RESTORE_SECONDS=${BENCH_RESTORE_SECONDS:-30}
 restore_one() {  # tool run -> JSON
     local tool=$1 run=$2 d="$WORK/restored-$1-$2" sock="$WORK/restored-sock"
     as_pg mkdir -p "$sock"
+    # Start every run with no dirty pages left by the one before (or by the set-up).
+    sync
     local t0 t1; t0=$(date +%s.%N)
     case $tool in
         walship)

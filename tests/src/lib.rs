@@ -780,7 +780,7 @@ pub fn verify_timeline(
         }
         .to_name(seg);
         let mut c = Command::new(bin("wal-receiver"));
-        c.args(["restore-wal", "--wal-dir"])
+        c.args(["restore-wal", "--no-prefetch", "--wal-dir"])
             .arg(wal_dir)
             .arg(&name)
             .arg(scratch.join(&name));
@@ -1085,7 +1085,7 @@ pub fn compare_with_primary(
         };
         let dest = scratch.join(&name);
         let mut c = Command::new(bin("wal-receiver"));
-        c.args(["restore-wal", "--wal-dir"])
+        c.args(["restore-wal", "--no-prefetch", "--wal-dir"])
             .arg(wal_dir)
             .arg(&name)
             .arg(&dest);

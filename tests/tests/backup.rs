@@ -136,6 +136,13 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
         "after,t1,t2",
         "restore to the end of the archive"
     );
+    // restore_command prefetched segments into pg_wal/.walship-prefetch, and removed it at
+    // the end of the archive.
+    assert!(
+        at_end.log_text().contains("restored log file"),
+        "no segment came through restore_command"
+    );
+    assert!(!at_end.data.join("pg_wal/.walship-prefetch").exists());
     drop(at_end);
 
     // A target before the backup ended is refused, and nothing is written.
@@ -181,7 +188,7 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
     let seg = 16u64 << 20;
     for segno in start.0 / seg..=stop.0 / seg {
         let name = format!("00000001{:08X}{:08X}", segno / 256, segno % 256);
-        let mut c = receiver_cmd(&["restore-wal", "--wal-dir"]);
+        let mut c = receiver_cmd(&["restore-wal", "--no-prefetch", "--wal-dir"]);
         c.arg(repo.join("wal")).arg(&name).arg(waldir.join(&name));
         run_ok(&dir, "restore-wal.log", c)?;
     }

@@ -111,9 +111,29 @@ pub async fn backup(cfg: BackupConfig) -> Result<BackupRecord> {
     let backups = repo.join(BACKUPS_DIR);
     fs::create_dir_all(&backups).with_context(|| format!("create {}", backups.display()))?;
     let wal_dir = repo.join(WAL_DIR);
+    // One backup at a time per repository: the lock is held until this function returns.
+    let lock_path = backups.join(".lock");
+    let lock_file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("open {}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| Fatal {
+            code: exit::STORE_LOCKED,
+            message: format!(
+                "another backup of {} is running (lock {} is held)",
+                repo.display(),
+                lock_path.display()
+            ),
+        })?;
     // Leftovers of an interrupted backup.
     for e in fs::read_dir(&backups)? {
         let p = e?.path();
+        if p == lock_path {
+            continue;
+        }
         if p.extension().is_some_and(|x| x == "staging") || (p.is_dir() && !p.join(RECORD).exists())
         {
             warn!(dir = %p.display(), "removing an unfinished backup");
@@ -122,6 +142,9 @@ pub async fn backup(cfg: BackupConfig) -> Result<BackupRecord> {
     }
     let start_time = now_rfc3339();
     let id = start_time.replace(['-', ':'], "");
+    if backups.join(&id).exists() {
+        bail!("a backup {id} exists already; backups are named by their start second, try again in a second");
+    }
     let staging = backups.join(format!("{id}{STAGING_SUFFIX}"));
     let pgdata = staging.join("pgdata");
     let started = Instant::now();
@@ -630,11 +653,24 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
         .into());
     }
     info!(backup = %chosen.id, start_lsn = %chosen.start_lsn, stop_lsn = %chosen.stop_lsn, "restoring");
+    let existed = pgdata.exists();
     let result = unpack(&repo, chosen, &pgdata)
         .and_then(|()| write_recovery(&pgdata, &wal_dir, &cfg.restore_bin, t));
     if let Err(e) = result {
-        // Never leave a directory PostgreSQL could be started on.
-        let _ = fs::remove_dir_all(&pgdata);
+        // Never leave a directory PostgreSQL could be started on: remove what was written
+        // (and the directory, if this restore created it).
+        if existed {
+            for entry in fs::read_dir(&pgdata).into_iter().flatten().flatten() {
+                let p = entry.path();
+                let _ = if p.is_dir() {
+                    fs::remove_dir_all(&p)
+                } else {
+                    fs::remove_file(&p)
+                };
+            }
+        } else {
+            let _ = fs::remove_dir_all(&pgdata);
+        }
         return Err(e);
     }
     Ok(chosen.clone())

@@ -104,6 +104,10 @@ enum Command {
         file: String,
         /// Where to write it (%p).
         dest: PathBuf,
+        /// Do not decompress the next sealed segment in the background (by default it is,
+        /// into .walship-prefetch beside DEST, while PostgreSQL replays this one).
+        #[arg(long)]
+        no_prefetch: bool,
     },
     /// Show what a WAL store holds: system identifier, timeline, flush position,
     /// segments, and bytes received raw vs on the wire.
@@ -340,7 +344,13 @@ fn main() -> ExitCode {
             wal_dir,
             file,
             dest,
-        } => match wal_receiver::restore::restore_wal(&wal_dir, &file, &dest) {
+            no_prefetch,
+        } => match wal_receiver::restore::restore_wal_prefetching(
+            &wal_dir,
+            &file,
+            &dest,
+            !no_prefetch,
+        ) {
             Ok(true) => Ok(()),
             Ok(false) => {
                 tracing::debug!("{file} is not in {}", wal_dir.display());

@@ -8,14 +8,84 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use walship_common::WalFileName;
+use walship_common::{SegmentNo, WalFileName};
 
 use crate::sealed;
 use crate::store::{read_state, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
 use crate::walread::read_partial;
+
+/// Where prefetched segments wait, next to `dest` (in the server's `pg_wal`).
+pub const PREFETCH_DIR: &str = ".walship-prefetch";
+
+/// Writes `file` to `dest`. `Ok(false)` means the store does not have it (yet).
+///
+/// With `prefetch`, a sealed next segment is decompressed in the background into
+/// `PREFETCH_DIR` beside `dest`, while PostgreSQL replays this one; the next call takes it
+/// from there with a rename. Only sealed segments are prefetched: they never change. When a
+/// file is not in the store (the end of the archive, or the probe for a next timeline's
+/// history that follows it), the prefetch directory is removed.
+pub fn restore_wal_prefetching(
+    wal_dir: &Path,
+    file: &str,
+    dest: &Path,
+    prefetch: bool,
+) -> Result<bool> {
+    let spool = dest
+        .parent()
+        .map(|d| d.join(PREFETCH_DIR))
+        .unwrap_or_else(|| PathBuf::from(PREFETCH_DIR));
+    let Some(state) = read_state(wal_dir)? else {
+        return Ok(false);
+    };
+    let Some(WalFileName::Segment { timeline, segno }) = WalFileName::parse(file, state.seg_size)
+    else {
+        // A history file. PostgreSQL asks for the next timeline's once replay has reached
+        // the end of the archive: then nothing prefetched is needed any more.
+        let found = restore_wal(wal_dir, file, dest)?;
+        if !found {
+            let _ = fs::remove_dir_all(&spool);
+        }
+        return Ok(found);
+    };
+    // `file` passed WalFileName::parse: a bare name.
+    let found = if fs::rename(spool.join(file), dest).is_ok() {
+        true
+    } else {
+        restore_wal(wal_dir, file, dest)?
+    };
+    if !found {
+        let _ = fs::remove_dir_all(&spool);
+        return Ok(false);
+    }
+    if prefetch {
+        let next = WalFileName::Segment {
+            timeline,
+            segno: SegmentNo(segno.0 + 1),
+        }
+        .to_name(state.seg_size);
+        if wal_dir.join(format!("{next}{SEALED_SUFFIX}")).exists()
+            && !spool.join(&next).exists()
+            && fs::create_dir_all(&spool).is_ok()
+        {
+            // Best effort: if it cannot start, the next call decompresses it itself.
+            let _ = std::env::current_exe().and_then(|exe| {
+                std::process::Command::new(exe)
+                    .args(["restore-wal", "--no-prefetch", "--wal-dir"])
+                    .arg(wal_dir)
+                    .arg(&next)
+                    .arg(spool.join(&next))
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+            });
+        }
+    }
+    Ok(true)
+}
 
 /// Writes `file` to `dest`. `Ok(false)` means the store does not have it (yet).
 pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path) -> Result<bool> {
