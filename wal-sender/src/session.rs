@@ -27,6 +27,8 @@ use crate::snapshot::{self, ChunkReader, Entry, Have};
 
 /// Status updates go upstream at least this often, acknowledged or not.
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a session waits for its receiver to close after the end of a timeline.
+const END_DRAIN: Duration = Duration::from_secs(5);
 /// A keepalive goes to the receiver when nothing else was sent for this long.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -653,7 +655,7 @@ async fn stream(
     // Acknowledgements arrive on their own task: frame reads are not cancellation-safe.
     let (ack_tx, mut ack_rx) = watch::channel((Lsn::INVALID, Lsn::INVALID));
     let (fb_tx, mut fb_rx) = watch::channel((Lsn::INVALID, (0u32, 0u32, 0u32, 0u32)));
-    let acks = tokio::spawn(async move {
+    let mut acks = tokio::spawn(async move {
         loop {
             let Some(frame) = dec.read_frame(&mut rd).await? else {
                 return Ok::<_, anyhow::Error>(());
@@ -731,8 +733,20 @@ async fn stream(
             break Err(e);
         }
     };
-    acks.abort();
-    let ack_result = acks.await;
+    // After the end of a timeline, let the receiver read it and close first: closing at once
+    // could fail the receiver's last write before it has read the message.
+    let drained = if up.ended {
+        tokio::time::timeout(END_DRAIN, &mut acks).await.ok()
+    } else {
+        None
+    };
+    let ack_result = match drained {
+        Some(r) => r,
+        None => {
+            acks.abort();
+            acks.await
+        }
+    };
     info!(receiver = %name, %slot, sent_lsn = %up.sent_lsn, ack_flush_lsn = %up.ack_flush_lsn, raw_bytes = up.raw_bytes,
           wire_bytes = up.out.wire_bytes,
         frames = up.out.frames, "stream ended");
