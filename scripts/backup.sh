@@ -83,12 +83,15 @@ started=$(date +%s)
 args=(backup "${SENDERS[@]}" --name "$NAME" --repo "$REPO")
 [ -z "$KEEP" ] || args+=(--keep "$KEEP")
 { echo "=== $(date -u +%Y-%m-%dT%H:%M:%SZ) wal-receiver ${args[*]} ${EXTRA[*]}"; } >>"$LOG"
+log_start=$(stat -c %s "$LOG")
 out=$("$RECEIVER" "${args[@]}" "${EXTRA[@]}" 2>>"$LOG")
 code=$?
 echo "$out" >>"$LOG"
 seconds=$(( $(date +%s) - started ))
 if [ "$code" -ne 0 ]; then
-    err=$(grep -a 'wal-receiver:' "$LOG" | tail -1 | sed 's/^wal-receiver: //; s/"/'\''/g' | cut -c1-300)
+    # This run's error only: what it appended to the log.
+    err=$(tail -c +"$((log_start + 1))" "$LOG" | grep -a 'wal-receiver:' | tail -1 \
+        | sed 's/^wal-receiver: //; s/"/'\''/g' | cut -c1-300)
     echo "walship-backup FAILED repo=$REPO exit=$code seconds=$seconds error=\"${err:-see $LOG}\""
     exit "$code"
 fi

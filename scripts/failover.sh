@@ -193,7 +193,7 @@ if [ -n "$hist" ]; then
     switch=$(awk '{print $2}' <<<"$line")
     say "promoted: timeline $((16#${hist%.history})) begins at $switch (history file $hist)"
     if [ -n "$switch" ] && [ "$(lsn_num "$switch")" -lt "$(lsn_num "$chosen_flush")" ]; then
-        say "note: the store of ${NAMES[B]} holds $(( $(lsn_num "$chosen_flush") - $(lsn_num "$switch") )) bytes past the switch point: the tail of a record the old primary never finished"
+        say "WARNING: the store of ${NAMES[B]} holds $(( $(lsn_num "$chosen_flush") - $(lsn_num "$switch") )) bytes past the switch point $switch, which the new primary does not have. Receivers holding WAL past $switch refuse the new timeline (exit 11) and must be bootstrapped again from ${LISTENS[B]}"
     fi
 else
     say "promoted"

@@ -11,6 +11,23 @@ use crate::segment::TimelineId;
 /// Largest history file accepted (PostgreSQL's are a line per promotion).
 pub const MAX_HISTORY_LEN: usize = 1 << 20;
 
+/// Reads a history file from disk, refusing one larger than [`MAX_HISTORY_LEN`] before
+/// reading more than that.
+pub fn read_history_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut content = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_HISTORY_LEN as u64 + 1)
+        .read_to_end(&mut content)?;
+    if content.len() > MAX_HISTORY_LEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is larger than {MAX_HISTORY_LEN} bytes", path.display()),
+        ));
+    }
+    Ok(content)
+}
+
 /// One ancestor in a timeline's history: `timeline` ended at `end`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ancestor {

@@ -388,10 +388,22 @@ fn verify_finds_damage_retention_keeps_two_and_a_backup_under_pgbench_restores()
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned();
+    // And a backup record changed by hand.
+    let record = repo.join("backups").join(&ids[1]).join("backup.json");
+    let text = std::fs::read_to_string(&record)?;
+    std::fs::write(
+        &record,
+        text.replacen("\"timeline\": 1", "\"timeline\": 7", 1),
+    )?;
     let (code, v) = verify("verify3.log", false)?;
     assert_eq!(code, Some(5), "{v}");
     let problems = v["problems"].to_string();
-    for needle in ["global/pg_control", "PG_VERSION", gone_name.as_str()] {
+    for needle in [
+        "global/pg_control",
+        "PG_VERSION",
+        gone_name.as_str(),
+        "does not match its checksum",
+    ] {
         assert!(
             problems.contains(needle),
             "verify did not name {needle}: {problems}"

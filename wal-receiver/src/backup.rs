@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tracing::{info, warn};
 use walship_common::durable;
+use walship_common::timeline::{read_history_file, History};
 use walship_common::{Lsn, SegmentNo, WalFileName};
 
 use crate::bootstrap::{self, BootstrapConfig};
@@ -74,9 +75,53 @@ pub struct BackupRecord {
     pub stored_bytes: u64,
     pub dirs: Vec<String>,
     pub files: Vec<FileRecord>,
+    /// CRC-32C of this record as written with `checksum` 0.
+    #[serde(default)]
+    pub checksum: u32,
 }
 
+/// Largest `backup.json` read (a record lists every file of a data directory).
+const MAX_RECORD_LEN: u64 = 256 << 20;
+
 impl BackupRecord {
+    /// The record as stored, with its checksum.
+    fn encode(&self) -> Result<String> {
+        let mut r = self.clone();
+        r.checksum = 0;
+        let crc = crc32c::crc32c(serde_json::to_string_pretty(&r)?.as_bytes());
+        r.checksum = crc;
+        Ok(serde_json::to_string_pretty(&r)?)
+    }
+
+    /// Reads and checks the record of the backup directory `dir`: size, JSON, checksum, and
+    /// an id that is the directory's own name.
+    fn load(dir: &Path) -> Result<BackupRecord> {
+        let path = dir.join(RECORD);
+        let f = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+        let mut text = Vec::new();
+        f.take(MAX_RECORD_LEN + 1).read_to_end(&mut text)?;
+        if text.len() as u64 > MAX_RECORD_LEN {
+            bail!("{} is larger than {MAX_RECORD_LEN} bytes", path.display());
+        }
+        let r: BackupRecord = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not a backup record", path.display()))?;
+        if r.encode()?.as_bytes() != text.as_slice() {
+            bail!(
+                "{} does not match its checksum: it was changed or damaged",
+                path.display()
+            );
+        }
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.as_deref() != Some(r.id.as_str()) {
+            bail!(
+                "{} names backup {:?}, not its directory's name",
+                path.display(),
+                r.id
+            );
+        }
+        Ok(r)
+    }
+
     fn start(&self) -> Result<Lsn> {
         self.start_lsn.parse().map_err(|e| anyhow!("{e}"))
     }
@@ -161,7 +206,11 @@ pub async fn backup(cfg: BackupConfig) -> Result<BackupRecord> {
         }
         .into());
     }
-    let stop_time = now_rfc3339();
+    // Rounded up, and a second later: a target time before it may lie inside the backup,
+    // which recovery cannot stop in.
+    let stop_time =
+        humantime::format_rfc3339_seconds(SystemTime::now() + std::time::Duration::from_secs(2))
+            .to_string();
     let state = read_state(&wal_dir)
         .map_err(crate::follow::store_fatal)?
         .ok_or_else(|| anyhow!("the repository's WAL store has no state"))?;
@@ -282,12 +331,10 @@ fn pack(
         stored_bytes: stored,
         dirs,
         files,
+        checksum: 0,
     };
     durable::write_atomic(&dir.join(MANIFEST), manifest(&record).as_bytes())?;
-    durable::write_atomic(
-        &dir.join(RECORD),
-        serde_json::to_string_pretty(&record)?.as_bytes(),
-    )?;
+    durable::write_atomic(&dir.join(RECORD), record.encode()?.as_bytes())?;
     durable::fsync_dir(dir)?;
     if let Some(parent) = dir.parent() {
         durable::fsync_dir(parent)?;
@@ -331,23 +378,59 @@ pub fn manifest(r: &BackupRecord) -> String {
     m
 }
 
-/// Every complete backup of the repository, oldest first.
-pub fn list(repo: &Path) -> Result<Vec<BackupRecord>> {
+/// Checks a backup_manifest's `Manifest-Checksum`: the SHA-256 of everything before its
+/// last line.
+fn check_manifest(m: &[u8]) -> Result<()> {
+    let body_end = m
+        .strip_suffix(b"\n")
+        .and_then(|b| b.iter().rposition(|&c| c == b'\n'))
+        .ok_or_else(|| anyhow!("backup_manifest: no last line"))?
+        + 1;
+    let last = std::str::from_utf8(&m[body_end..]).unwrap_or_default();
+    let want = last
+        .split('"')
+        .nth(3)
+        .ok_or_else(|| anyhow!("backup_manifest: no Manifest-Checksum"))?;
+    let got: String = sha2::Sha256::digest(&m[..body_end])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if got != want {
+        bail!("backup_manifest: checksum {got} instead of {want}");
+    }
+    Ok(())
+}
+
+/// Every complete backup of the repository, oldest first. A record that cannot be trusted
+/// is left out, and named in the second list.
+pub fn list_checked(repo: &Path) -> Result<(Vec<BackupRecord>, Vec<String>)> {
     let dir = repo.join(BACKUPS_DIR);
-    let mut out = Vec::new();
+    let (mut out, mut problems) = (Vec::new(), Vec::new());
     let entries = match fs::read_dir(&dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((out, problems)),
         Err(e) => return Err(e).with_context(|| format!("list {}", dir.display())),
     };
     for e in entries {
-        let p = e?.path().join(RECORD);
-        let Ok(text) = fs::read(&p) else { continue };
-        let r: BackupRecord =
-            serde_json::from_slice(&text).with_context(|| format!("parse {}", p.display()))?;
-        out.push(r);
+        let p = e?.path();
+        if !p.join(RECORD).exists() {
+            continue;
+        }
+        match BackupRecord::load(&p) {
+            Ok(r) => out.push(r),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok((out, problems))
+}
+
+/// [`list_checked`], warning about the records left out.
+pub fn list(repo: &Path) -> Result<Vec<BackupRecord>> {
+    let (out, problems) = list_checked(repo)?;
+    for p in problems {
+        warn!("ignoring a backup: {p}");
+    }
     Ok(out)
 }
 
@@ -475,46 +558,38 @@ pub fn prune(repo: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// The segments of the store from `from` through `to`: which exist, which are missing.
+/// The segments of the store from `from` through `to` that are missing. Each segment must
+/// be there under the timeline the store's history gives it (the newest timeline holding
+/// its last byte, as PostgreSQL asks for it): sealed, or, on the store's timeline, the
+/// `.partial` being written below the flush position.
 fn wal_chain(wal_dir: &Path, state: &StoreState, from: Lsn, to: Lsn) -> Result<Vec<String>> {
-    let mut present: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-    for e in fs::read_dir(wal_dir)? {
-        let name = e?.file_name().to_string_lossy().into_owned();
-        let (base, sealed) = match (
-            name.strip_suffix(SEALED_SUFFIX),
-            name.strip_suffix(PARTIAL_SUFFIX),
-        ) {
-            (Some(b), _) => (b, true),
-            (_, Some(b)) => (b, false),
-            _ => continue,
-        };
-        if let Some(WalFileName::Segment { timeline, segno }) =
-            WalFileName::parse(base, state.seg_size)
-        {
-            // A .partial counts only if it is the segment being written (or an old
-            // timeline's last one); recycled files past the flush position do not.
-            if !sealed
-                && timeline == state.timeline
-                && state.seg_size.segment_start(segno) >= state.flush_lsn
-            {
-                continue;
-            }
-            present.entry(segno.0).or_default().push(name);
-        }
-    }
+    let history = if state.timeline.0 > 1 {
+        let path = wal_dir.join(WalFileName::History(state.timeline).to_name(state.seg_size));
+        let content =
+            read_history_file(&path).with_context(|| format!("read {}", path.display()))?;
+        Some(History::parse(state.timeline, &content).map_err(|e| anyhow!(e))?)
+    } else {
+        None
+    };
+    let seg = state.seg_size;
     let mut missing = Vec::new();
-    let last = state
-        .seg_size
-        .segment_of(Lsn(to.0.saturating_sub(1)).max(from));
-    for segno in state.seg_size.segment_of(from).0..=last.0 {
-        if !present.contains_key(&segno) {
-            missing.push(
-                WalFileName::Segment {
-                    timeline: state.timeline,
-                    segno: SegmentNo(segno),
-                }
-                .to_name(state.seg_size),
-            );
+    let last = seg.segment_of(Lsn(to.0.saturating_sub(1)).max(from));
+    for segno in seg.segment_of(from).0..=last.0 {
+        let end = seg.segment_start(SegmentNo(segno + 1));
+        let timeline = history
+            .as_ref()
+            .map_or(state.timeline, |h| h.timeline_of(Lsn(end.0 - 1)));
+        let name = WalFileName::Segment {
+            timeline,
+            segno: SegmentNo(segno),
+        }
+        .to_name(seg);
+        let sealed = wal_dir.join(format!("{name}{SEALED_SUFFIX}")).exists();
+        let partial = timeline == state.timeline
+            && seg.segment_start(SegmentNo(segno)) < state.flush_lsn
+            && wal_dir.join(format!("{name}{PARTIAL_SUFFIX}")).exists();
+        if !sealed && !partial {
+            missing.push(name);
         }
     }
     Ok(missing)
@@ -722,7 +797,12 @@ fn unpack(repo: &Path, b: &BackupRecord, pgdata: &Path) -> Result<()> {
     if let Some(e) = errors.into_iter().next() {
         return Err(e);
     }
-    fs::write(pgdata.join(MANIFEST), fs::read(src.join(MANIFEST))?)?;
+    let manifest = fs::read(src.join(MANIFEST))?;
+    check_manifest(&manifest).map_err(|e| Fatal {
+        code: exit::STORE_CORRUPT,
+        message: format!("the backup is damaged: {e:#}; refusing to restore it"),
+    })?;
+    fs::write(pgdata.join(MANIFEST), manifest)?;
     // One syncfs makes every file and directory entry durable at once: an fsync per file
     // cost more than the decompression.
     let dir = File::open(pgdata).with_context(|| format!("open {}", pgdata.display()))?;
@@ -775,7 +855,7 @@ fn copy_packed(dir: &Path, f: &FileRecord, out: &mut impl Write) -> Result<()> {
     let damaged = |e: anyhow::Error| -> anyhow::Error { Damaged(format!("{e:#}")).into() };
     let path = safe_join(&dir.join(FILES_DIR), &format!("{}.zst", f.path))?;
     let file = File::open(&path).map_err(|_| damaged(anyhow!("{}: missing", f.path)))?;
-    let mut dec = zstd::stream::read::Decoder::new(file)?.take(f.size + 1);
+    let mut dec = zstd::stream::read::Decoder::new(file)?.take(f.size.saturating_add(1));
     let mut buf = vec![0u8; 1 << 20];
     let (mut crc, mut len) = (0u32, 0u64);
     loop {
@@ -913,13 +993,20 @@ pub fn verify(repo: &Path, full: bool) -> Result<Verified> {
     };
     let mut v = Verified::default();
     let mut next = Cache::default();
-    let backups = list(repo)?;
+    let (backups, bad) = list_checked(repo)?;
+    v.problems.extend(bad);
     v.backups = backups.len();
     for b in &backups {
         let dir = repo.join(BACKUPS_DIR).join(&b.id);
-        if !dir.join(MANIFEST).exists() {
-            v.problems
-                .push(format!("backup {}: backup_manifest is missing", b.id));
+        match fs::read(dir.join(MANIFEST)) {
+            Ok(m) => {
+                if let Err(e) = check_manifest(&m) {
+                    v.problems.push(format!("backup {}: {e:#}", b.id));
+                }
+            }
+            Err(_) => v
+                .problems
+                .push(format!("backup {}: backup_manifest is missing", b.id)),
         }
         for f in &b.files {
             let key = format!("{}/{FILES_DIR}/{}.zst", b.id, f.path);

@@ -159,36 +159,38 @@ pub(crate) async fn snapshot_with_wal(
 
     // WAL from the start LSN through the stop LSN, into the store.
     check_store_covers(wal_dir, snap.start_lsn)?;
-    let running = crate::status::status(wal_dir)?.is_some_and(|s| s.receiver_running);
-    if running {
-        // A follower keeps this store current (a backup repository's archive): wait for it.
-        info!(stop_lsn = %snap.stop_lsn, "a wal-receiver follows this WAL store; waiting for it to store the WAL through the snapshot's stop position");
-        let mut last_log = Instant::now();
-        loop {
-            let flush = read_state(wal_dir)
-                .map_err(follow::store_fatal)?
-                .map(|s| s.flush_lsn)
-                .unwrap_or_default();
-            if flush >= snap.stop_lsn {
-                break;
-            }
-            if last_log.elapsed() >= Duration::from_secs(10) {
-                last_log = Instant::now();
-                info!(%flush, stop_lsn = %snap.stop_lsn, "waiting for the follower");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    let running = || -> Result<bool> {
+        Ok(crate::status::status(wal_dir)?.is_some_and(|s| s.receiver_running))
+    };
+    let mut last_log = Instant::now();
+    loop {
+        let flush = read_state(wal_dir)
+            .map_err(follow::store_fatal)?
+            .map(|s| s.flush_lsn)
+            .unwrap_or_default();
+        if flush >= snap.stop_lsn {
+            break;
         }
-    } else {
-        follow::follow(FollowConfig {
-            senders: cfg.senders.clone(),
-            name: cfg.name.clone(),
-            wal_dir: wal_dir.to_owned(),
-            start_lsn: Some(snap.start_lsn),
-            until: Some(snap.stop_lsn),
-            tls: cfg.tls.clone(),
-            serve: None,
-        })
-        .await?;
+        if !running()? {
+            // Nobody else keeps the store current (any more): fetch the WAL here.
+            follow::follow(FollowConfig {
+                senders: cfg.senders.clone(),
+                name: cfg.name.clone(),
+                wal_dir: wal_dir.to_owned(),
+                start_lsn: Some(snap.start_lsn),
+                until: Some(snap.stop_lsn),
+                tls: cfg.tls.clone(),
+                serve: None,
+            })
+            .await?;
+            break;
+        }
+        // A follower keeps this store current (a backup repository's archive): wait for it.
+        if last_log.elapsed() >= Duration::from_secs(10) {
+            last_log = Instant::now();
+            info!(%flush, stop_lsn = %snap.stop_lsn, "a wal-receiver follows this WAL store; waiting for it to store the WAL through the snapshot's stop position");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let flush_lsn = read_state(wal_dir)
         .map_err(follow::store_fatal)?

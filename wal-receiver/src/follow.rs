@@ -684,6 +684,35 @@ enum Outcome {
     TimelineEnded,
 }
 
+/// Asks the sender for timeline `t`'s history file.
+async fn get_history(
+    sender: &str,
+    t: TimelineId,
+    link: &mut Link,
+    dec: &mut FrameDecoder,
+    rd: &mut Reader,
+) -> Result<Vec<u8>> {
+    link.send(&Message::GetHistory { timeline: t.0 }).await?;
+    let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, dec.read_frame(rd))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "the sender {sender} did not send the history of timeline {}",
+                t.0
+            )
+        })??
+        .ok_or_else(|| anyhow!("sender closed the connection"))?;
+    match Message::decode(&frame)? {
+        Message::History { timeline, content } if timeline == t.0 => Ok(content),
+        Message::Error { code, message } => Err(sender_error(code, message)),
+        other => bail!(
+            "expected the history of timeline {}, got {:?}",
+            t.0,
+            other.kind()
+        ),
+    }
+}
+
 /// Brings the store onto the sender's `timeline`: fetches the history files the store
 /// lacks, refuses a history that diverged from the store's, stores them durably, and
 /// switches the store's timeline at every switch point it has already reached. The store
@@ -697,39 +726,28 @@ async fn follow_history(
     dec: &mut FrameDecoder,
     rd: &mut Reader,
 ) -> Result<()> {
-    let from = store.state().map(|s| s.timeline.0).unwrap_or(timeline.0);
+    let from = store.state().map(|s| s.timeline).unwrap_or(timeline);
+    // The newest history lists every ancestor; only those above the store's timeline are
+    // fetched too (timelines that are not ancestors may not exist on this server).
     let mut files = Vec::new();
-    for t in from + 1..=timeline.0 {
-        link.send(&Message::GetHistory { timeline: t }).await?;
-        let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, dec.read_frame(rd))
-            .await
-            .map_err(|_| anyhow!("the sender did not send the history of timeline {t}"))??
-            .ok_or_else(|| anyhow!("sender closed the connection"))?;
-        match Message::decode(&frame)? {
-            Message::History {
-                timeline: got,
-                content,
-            } if got == t => {
-                let parsed = History::parse(TimelineId(t), &content).map_err(|why| {
-                    anyhow!("the sender {sender} sent an unusable history file: {why}")
-                })?;
-                files.push((TimelineId(t), content, parsed));
-            }
-            Message::Error { code, message } => return Err(sender_error(code, message)),
-            other => bail!(
-                "expected the history of timeline {t}, got {:?}",
-                other.kind()
-            ),
+    let newest = get_history(sender, timeline, link, dec, rd).await?;
+    let hist = History::parse(timeline, &newest)
+        .map_err(|why| anyhow!("the sender {sender} sent an unusable history file: {why}"))?;
+    for a in &hist.ancestors {
+        if a.timeline > from {
+            let content = get_history(sender, a.timeline, link, dec, rd).await?;
+            History::parse(a.timeline, &content).map_err(|why| {
+                anyhow!("the sender {sender} sent an unusable history file: {why}")
+            })?;
+            files.push((a.timeline, content));
         }
     }
-    let hist = &files
-        .last()
-        .expect("at least one timeline above the store's")
-        .2;
+    files.push((timeline, newest));
+    let hist = &hist;
     let st = store.state().expect("initialised").clone();
     // Refuse before anything of the new history is stored.
     check_not_diverged(st.timeline, store.flush_lsn(), hist, sender)?;
-    for (t, content, _) in &files {
+    for (t, content) in &files {
         tokio::task::block_in_place(|| store.save_history(*t, content)).map_err(store_fatal)?;
     }
     loop {

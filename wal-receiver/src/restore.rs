@@ -117,7 +117,20 @@ pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path) -> Result<bool> {
     drop(out);
     match result {
         Ok(true) => {
+            // A prefetched segment may wait across a crash before it is used: it must be
+            // whole on disk before it gets its name.
+            let spooled = dest
+                .parent()
+                .and_then(|d| d.file_name())
+                .is_some_and(|n| n == PREFETCH_DIR);
+            if spooled {
+                let f = File::open(&tmp).with_context(|| format!("open {}", tmp.display()))?;
+                walship_common::durable::fsync_file(&f, &tmp)?;
+            }
             fs::rename(&tmp, dest).with_context(|| format!("rename into {}", dest.display()))?;
+            if let (true, Some(dir)) = (spooled, dest.parent()) {
+                walship_common::durable::fsync_dir(dir)?;
+            }
             Ok(true)
         }
         other => {

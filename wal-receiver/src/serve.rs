@@ -33,7 +33,7 @@ use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, TimelineId, WalFileName, WalSegSize};
 
 use crate::walread::WalReader;
-use walship_common::timeline::History;
+use walship_common::timeline::{read_history_file, History};
 
 /// Where the standby connects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -576,7 +576,10 @@ impl Ctx {
                     let tli: Option<u32> = words.get(1).and_then(|w| w.parse().ok());
                     let name =
                         tli.map(|t| WalFileName::History(TimelineId(t)).to_name(view.seg_size));
-                    match name.as_ref().map(|n| (n, std::fs::read(self.dir.join(n)))) {
+                    match name
+                        .as_ref()
+                        .map(|n| (n, read_history_file(&self.dir.join(n))))
+                    {
                         Some((n, Ok(content))) => {
                             out.columns(&[("filename", 25), ("content", 17)]);
                             out.row(&[Some(n.as_bytes()), Some(&content)]);
@@ -667,7 +670,7 @@ impl Ctx {
             return Err(not_ours());
         }
         let name = WalFileName::History(view.timeline).to_name(view.seg_size);
-        let content = std::fs::read(self.dir.join(&name))
+        let content = read_history_file(&self.dir.join(&name))
             .map_err(|e| format!("could not read history file {name}: {e}"))?;
         let hist = History::parse(view.timeline, &content)?;
         hist.switch_from(timeline).map(Some).ok_or_else(not_ours)

@@ -553,7 +553,7 @@ impl Store {
                 .unwrap_or(WalSegSize::DEFAULT),
         );
         let path = self.dir.join(&name);
-        match fs::read(&path) {
+        match walship_common::timeline::read_history_file(&path) {
             Ok(existing) if existing == content => return Ok(()),
             Ok(_) => {
                 return Err(StoreError::Inconsistent {
