@@ -68,25 +68,46 @@ fn utc_now(pg: &Pg) -> Result<String> {
     )
 }
 
-/// The archive's follower: `follow --wal-dir <repo>/wal` under the repository's name.
-fn archiver(dir: &TestDir, sender: &str, repo: &Path) -> Result<Receiver> {
-    let mut r = Receiver::new(dir, sender, "repo");
-    r.wal_dir = repo.join("wal");
-    r.as_postgres = true;
-    r.spawn()?;
-    Ok(r)
+/// A primary (prepared by `init`), its sender, and a backup repository whose archive a
+/// follower (`follow --wal-dir <repo>/wal`, under the repository's name) keeps current.
+struct Repo {
+    dir: TestDir,
+    primary: Pg,
+    sender: Sender,
+    repo: PathBuf,
+    arch: Receiver,
+}
+
+fn repo_setup(name: &str, init: impl FnOnce(&Pg) -> Result<()>) -> Result<Repo> {
+    let dir = TestDir::new(name);
+    let primary = Pg::start_primary(&dir, "primary", "")?;
+    init(&primary)?;
+    let sender = Sender::start(&dir, &primary)?;
+    let repo = dir.join("repo");
+    postgres_dir(&repo)?;
+    let mut arch = Receiver::new(&dir, &sender.addr, "repo");
+    arch.wal_dir = repo.join("wal");
+    arch.as_postgres = true;
+    arch.spawn()?;
+    arch.wait_streaming()?;
+    Ok(Repo {
+        dir,
+        primary,
+        sender,
+        repo,
+        arch,
+    })
 }
 
 #[test]
 fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()> {
-    let dir = TestDir::new("pitr");
-    let primary = Pg::start_primary(&dir, "primary", "")?;
-    primary.sql("CREATE TABLE t (v text)")?;
-    let sender = Sender::start(&dir, &primary)?;
-    let repo = dir.join("repo");
-    postgres_dir(&repo)?;
-    let mut arch = archiver(&dir, &sender.addr, &repo)?;
-    arch.wait_streaming()?;
+    let Repo {
+        dir,
+        primary,
+        sender,
+        repo,
+        mut arch,
+    } = repo_setup("pitr", |p| p.sql("CREATE TABLE t (v text)").map(drop))?;
     backup(&dir, &sender.addr, &repo, &[])?;
 
     primary.sql("INSERT INTO t VALUES ('t1')")?;
@@ -263,14 +284,13 @@ fn segment_files(wal: &Path) -> Result<Vec<PathBuf>> {
 
 #[test]
 fn verify_finds_damage_retention_keeps_two_and_a_backup_under_pgbench_restores() -> Result<()> {
-    let dir = TestDir::new("repo");
-    let primary = Pg::start_primary(&dir, "primary", "")?;
-    primary.pgbench_init(2)?;
-    let sender = Sender::start(&dir, &primary)?;
-    let repo = dir.join("repo");
-    postgres_dir(&repo)?;
-    let mut arch = archiver(&dir, &sender.addr, &repo)?;
-    arch.wait_streaming()?;
+    let Repo {
+        dir,
+        primary,
+        sender,
+        repo,
+        mut arch,
+    } = repo_setup("repo", |p| p.pgbench_init(2))?;
 
     // Three backups, the last while pgbench runs, with --keep 2.
     backup(&dir, &sender.addr, &repo, &[])?;

@@ -141,14 +141,17 @@ fn now_rfc3339() -> String {
 /// Settings of `wal-receiver backup`.
 pub struct BackupConfig {
     pub repo: PathBuf,
-    /// The snapshot's settings; `pgdata` and `wal_dir` are set from `repo`.
-    pub snapshot: BootstrapConfig,
+    /// The senders to choose from, as for `follow`.
+    pub senders: Vec<String>,
+    /// The repository's receiver name (slot `walship_<name>`).
+    pub name: String,
+    pub tls: Option<crate::follow::TlsClient>,
     pub keep: Option<usize>,
 }
 
 /// Takes a base backup into the repository. Returns its record.
 pub async fn backup(cfg: BackupConfig) -> Result<BackupRecord> {
-    walship_common::protocol::validate_name(&cfg.snapshot.name).map_err(|m| Fatal {
+    walship_common::protocol::validate_name(&cfg.name).map_err(|m| Fatal {
         code: exit::USAGE,
         message: m,
     })?;
@@ -193,10 +196,18 @@ pub async fn backup(cfg: BackupConfig) -> Result<BackupRecord> {
     let staging = backups.join(format!("{id}{STAGING_SUFFIX}"));
     let pgdata = staging.join("pgdata");
     let started = Instant::now();
-    let mut scfg = cfg.snapshot;
-    scfg.pgdata = pgdata.clone();
-    scfg.wal_dir = wal_dir.clone();
-    scfg.tablespace_root = Some(staging.join("tablespaces"));
+    let scfg = BootstrapConfig {
+        senders: cfg.senders,
+        name: cfg.name,
+        pgdata: pgdata.clone(),
+        wal_dir: wal_dir.clone(),
+        tablespace_mapping: Vec::new(),
+        tablespace_root: Some(staging.join("tablespaces")),
+        // Only a bootstrap's recovery settings name it; a backup writes none.
+        restore_bin: PathBuf::new(),
+        tls: cfg.tls,
+        serve: None,
+    };
     let snap = bootstrap::snapshot_with_wal(&scfg, &pgdata, &wal_dir).await?;
     if !snap.tablespaces.is_empty() {
         fs::remove_dir_all(&staging).ok();
@@ -623,6 +634,20 @@ fn refuse(message: String) -> anyhow::Error {
     .into()
 }
 
+/// The newest of `backups` (oldest first) that `ended` accepts.
+fn newest_ended_by(
+    backups: &[BackupRecord],
+    ended: impl Fn(&BackupRecord) -> Result<bool>,
+) -> Result<Option<&BackupRecord>> {
+    let mut newest = None;
+    for b in backups {
+        if ended(b)? {
+            newest = Some(b);
+        }
+    }
+    Ok(newest)
+}
+
 /// Restores a backup into a new data directory, set up to replay the archive to the target.
 pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
     let repo = std::path::absolute(&cfg.repo)?;
@@ -666,13 +691,7 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
                         state.flush_lsn
                     )));
                 }
-                let mut ok = Vec::new();
-                for b in &backups {
-                    if b.stop()? <= lsn {
-                        ok.push(b);
-                    }
-                }
-                ok.pop().ok_or_else(|| {
+                newest_ended_by(&backups, |b| Ok(b.stop()? <= lsn))?.ok_or_else(|| {
                     refuse(format!(
                         "target {lsn} is before the end of the oldest backup ({} ends at {}); no backup can reach it",
                         backups[0].id, backups[0].stop_lsn
@@ -685,13 +704,7 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
                         "--target-time {time:?}: {e}; write it as 2026-11-26T17:00:00Z (UTC)"
                     ),
                 })?;
-                let mut ok = Vec::new();
-                for b in &backups {
-                    if b.stop_at()? <= at {
-                        ok.push(b);
-                    }
-                }
-                ok.pop().ok_or_else(|| {
+                newest_ended_by(&backups, |b| Ok(b.stop_at()? <= at))?.ok_or_else(|| {
                     refuse(format!(
                         "target {time} is before the oldest backup ended ({} at {}); no backup can reach it",
                         backups[0].id, backups[0].stop_time

@@ -159,9 +159,6 @@ pub(crate) async fn snapshot_with_wal(
 
     // WAL from the start LSN through the stop LSN, into the store.
     check_store_covers(wal_dir, snap.start_lsn)?;
-    let running = || -> Result<bool> {
-        Ok(crate::status::status(wal_dir)?.is_some_and(|s| s.receiver_running))
-    };
     let mut last_log = Instant::now();
     loop {
         let flush = read_state(wal_dir)
@@ -171,7 +168,7 @@ pub(crate) async fn snapshot_with_wal(
         if flush >= snap.stop_lsn {
             break;
         }
-        if !running()? {
+        if !crate::store::writer_running(wal_dir) {
             // Nobody else keeps the store current (any more): fetch the WAL here.
             follow::follow(FollowConfig {
                 senders: cfg.senders.clone(),

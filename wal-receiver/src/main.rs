@@ -345,7 +345,7 @@ fn main() -> ExitCode {
             file,
             dest,
             no_prefetch,
-        } => match wal_receiver::restore::restore_wal_prefetching(
+        } => match wal_receiver::restore::restore_wal(
             &wal_dir,
             &file,
             &dest,
@@ -391,22 +391,13 @@ fn main() -> ExitCode {
             tls,
         } => (|| {
             let tls = tls.load()?;
-            let restore_bin = std::env::current_exe()?;
             let record = runtime()?.block_on(wal_receiver::backup::backup(
                 wal_receiver::backup::BackupConfig {
-                    repo: repo.clone(),
+                    repo,
+                    senders,
+                    name,
+                    tls,
                     keep,
-                    snapshot: wal_receiver::bootstrap::BootstrapConfig {
-                        senders,
-                        name,
-                        pgdata: repo.clone(),
-                        wal_dir: repo.clone(),
-                        tablespace_mapping: Vec::new(),
-                        tablespace_root: None,
-                        restore_bin,
-                        tls,
-                        serve: None,
-                    },
                 },
             ))?;
             println!(

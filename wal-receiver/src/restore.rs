@@ -27,12 +27,7 @@ pub const PREFETCH_DIR: &str = ".walship-prefetch";
 /// from there with a rename. Only sealed segments are prefetched: they never change. When a
 /// file is not in the store (the end of the archive, or the probe for a next timeline's
 /// history that follows it), the prefetch directory is removed.
-pub fn restore_wal_prefetching(
-    wal_dir: &Path,
-    file: &str,
-    dest: &Path,
-    prefetch: bool,
-) -> Result<bool> {
+pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path, prefetch: bool) -> Result<bool> {
     let spool = dest
         .parent()
         .map(|d| d.join(PREFETCH_DIR))
@@ -40,27 +35,17 @@ pub fn restore_wal_prefetching(
     let Some(state) = read_state(wal_dir)? else {
         return Ok(false);
     };
-    let Some(WalFileName::Segment { timeline, segno }) = WalFileName::parse(file, state.seg_size)
-    else {
-        // A history file. PostgreSQL asks for the next timeline's once replay has reached
-        // the end of the archive: then nothing prefetched is needed any more.
-        let found = restore_wal(wal_dir, file, dest)?;
-        if !found {
-            let _ = fs::remove_dir_all(&spool);
-        }
-        return Ok(found);
+    let Some(name) = WalFileName::parse(file, state.seg_size) else {
+        bail!("{file:?} is not a WAL segment or timeline history file name");
     };
     // `file` passed WalFileName::parse: a bare name.
-    let found = if fs::rename(spool.join(file), dest).is_ok() {
-        true
-    } else {
-        restore_wal(wal_dir, file, dest)?
-    };
-    if !found {
+    let spooled =
+        matches!(name, WalFileName::Segment { .. }) && fs::rename(spool.join(file), dest).is_ok();
+    if !spooled && !write_dest(wal_dir, file, name, &state, dest)? {
         let _ = fs::remove_dir_all(&spool);
         return Ok(false);
     }
-    if prefetch {
+    if let (true, WalFileName::Segment { timeline, segno }) = (prefetch, name) {
         let next = WalFileName::Segment {
             timeline,
             segno: SegmentNo(segno.0 + 1),
@@ -87,14 +72,15 @@ pub fn restore_wal_prefetching(
     Ok(true)
 }
 
-/// Writes `file` to `dest`. `Ok(false)` means the store does not have it (yet).
-pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path) -> Result<bool> {
-    let Some(state) = read_state(wal_dir)? else {
-        return Ok(false);
-    };
-    let Some(name) = WalFileName::parse(file, state.seg_size) else {
-        bail!("{file:?} is not a WAL segment or timeline history file name");
-    };
+/// Writes `file` from the store to `dest` through a temporary name. `Ok(false)`: the store
+/// does not have it.
+fn write_dest(
+    wal_dir: &Path,
+    file: &str,
+    name: WalFileName,
+    state: &StoreState,
+    dest: &Path,
+) -> Result<bool> {
     let tmp = dest.with_file_name(format!(
         "{}.walship-tmp",
         dest.file_name()
@@ -109,24 +95,24 @@ pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path) -> Result<bool> {
         .with_context(|| format!("create {}", tmp.display()))?;
     // Large writes: a segment in 8 KiB writes cost more system time than its decompression.
     let mut out = io::BufWriter::with_capacity(1 << 20, out);
-    let result = write_file(wal_dir, file, name, &state, &mut out).and_then(|found| {
-        out.flush()
+    // A prefetched segment may wait across a crash before it is used: it must be whole on
+    // disk before it gets its name.
+    let spooled = dest
+        .parent()
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == PREFETCH_DIR);
+    let result = write_file(wal_dir, file, name, state, &mut out).and_then(|found| {
+        let f = out
+            .into_inner()
+            .map_err(|e| e.into_error())
             .with_context(|| format!("write {}", tmp.display()))?;
+        if found && spooled {
+            walship_common::durable::fsync_file(&f, &tmp)?;
+        }
         Ok(found)
     });
-    drop(out);
     match result {
         Ok(true) => {
-            // A prefetched segment may wait across a crash before it is used: it must be
-            // whole on disk before it gets its name.
-            let spooled = dest
-                .parent()
-                .and_then(|d| d.file_name())
-                .is_some_and(|n| n == PREFETCH_DIR);
-            if spooled {
-                let f = File::open(&tmp).with_context(|| format!("open {}", tmp.display()))?;
-                walship_common::durable::fsync_file(&f, &tmp)?;
-            }
             fs::rename(&tmp, dest).with_context(|| format!("rename into {}", dest.display()))?;
             if let (true, Some(dir)) = (spooled, dest.parent()) {
                 walship_common::durable::fsync_dir(dir)?;

@@ -1,14 +1,13 @@
 //! `wal-receiver status`: what a store holds, for people and for scripts.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use walship_common::WalFileName;
 
-use crate::store::{read_state, LOCK_FILE, PARTIAL_SUFFIX, SEALED_SUFFIX};
+use crate::store::{read_state, PARTIAL_SUFFIX, SEALED_SUFFIX};
 
 /// The fields of `status --json`.
 #[derive(Debug, Serialize)]
@@ -160,11 +159,7 @@ pub fn status(wal_dir: &Path) -> Result<Option<Status>> {
     }
     names.sort();
     names.dedup_by(|a, b| a.0 == b.0);
-    let receiver_running = OpenOptions::new()
-        .read(true)
-        .open(wal_dir.join(LOCK_FILE))
-        .map(|f| Flock::lock(f, FlockArg::LockSharedNonblock).is_err())
-        .unwrap_or(false);
+    let receiver_running = crate::store::writer_running(wal_dir);
     Ok(Some(Status {
         wal_dir: wal_dir.display().to_string(),
         system_identifier: state.system_id.to_string(),

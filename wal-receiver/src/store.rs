@@ -156,6 +156,15 @@ pub fn read_state(dir: &Path) -> Result<Option<StoreState>, StoreError> {
         .map_err(|why| StoreError::CorruptState { path, why })
 }
 
+/// Whether a writer (`follow`) holds the store's lock right now.
+pub fn writer_running(dir: &Path) -> bool {
+    OpenOptions::new()
+        .read(true)
+        .open(dir.join(LOCK_FILE))
+        .map(|f| Flock::lock(f, FlockArg::LockSharedNonblock).is_err())
+        .unwrap_or(false)
+}
+
 pub fn segment_path(dir: &Path, state: &StoreState, segno: SegmentNo, suffix: &str) -> PathBuf {
     let name = WalFileName::Segment {
         timeline: state.timeline,
@@ -475,12 +484,7 @@ impl Store {
     /// the bytes are durable, and after a crash before `state` is written the stream
     /// resumes at the older position and writes the same bytes again.
     pub fn flush_notify(&mut self, synced: impl FnOnce(Lsn)) -> Result<Lsn, StoreError> {
-        if let Some(e) = self
-            .seal_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+        if let Some(e) = self.seal_failure() {
             return Err(StoreError::Seal(e));
         }
         let Some(mut state) = self.state.clone() else {
@@ -513,14 +517,24 @@ impl Store {
     fn queue_seal(&mut self, segno: SegmentNo) -> Result<(), StoreError> {
         let state = self.state.clone().expect("initialised");
         let tx = self.seal_tx.as_ref().expect("sealer running");
-        tx.send(SealJob::Seal(state, segno)).map_err(|_| {
-            let e = self
-                .seal_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            StoreError::Seal(e.unwrap_or_else(|| "sealer thread stopped".into()))
-        })
+        tx.send(SealJob::Seal(state, segno))
+            .map_err(|_| self.sealer_stopped())
+    }
+
+    /// What made the sealer stop, if it failed.
+    fn seal_failure(&self) -> Option<String> {
+        self.seal_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The error for a sealer that no longer takes work.
+    fn sealer_stopped(&self) -> StoreError {
+        StoreError::Seal(
+            self.seal_failure()
+                .unwrap_or_else(|| "sealer thread stopped".into()),
+        )
     }
 
     /// Waits until every segment queued so far is sealed.
@@ -531,14 +545,7 @@ impl Store {
             .as_ref()
             .is_some_and(|tx| tx.send(SealJob::Barrier(done_tx)).is_ok());
         if !sent || done_rx.recv().is_err() {
-            let e = self
-                .seal_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            return Err(StoreError::Seal(
-                e.unwrap_or_else(|| "sealer thread stopped".into()),
-            ));
+            return Err(self.sealer_stopped());
         }
         Ok(())
     }
@@ -635,12 +642,7 @@ impl Store {
         if let Some(t) = self.seal_thread.take() {
             let _ = t.join();
         }
-        match self
-            .seal_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+        match self.seal_failure() {
             Some(e) => Err(StoreError::Seal(e)),
             None => Ok(()),
         }
