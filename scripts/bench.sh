@@ -80,7 +80,7 @@ psql_() { "$PG_BIN/psql" -XAtq -d "$CONN" -c "$1"; }
 "$PG_BIN/pgbench" -i -q -s "$SCALE" "$CONN" >/dev/null 2>&1
 
 SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
-"$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" > "$WORK/sender.log" 2>&1 &
+"$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" ${BENCH_BATCH_DELAY:+--batch-delay $BENCH_BATCH_DELAY} > "$WORK/sender.log" 2>&1 &
 SENDER_PID=$!
 PIDS+=("$SENDER_PID")
 sleep 1
@@ -125,7 +125,7 @@ NS="walship_bench_$$"
 SENDER_LOG="$WORK/sender.log"
 start_sender() {  # log
     SENDER_LOG=$1
-    "${NSX[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" > "$SENDER_LOG" 2>&1 &
+    "${NSX[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" ${BENCH_BATCH_DELAY:+--batch-delay $BENCH_BATCH_DELAY} > "$SENDER_LOG" 2>&1 &
     SENDER_PID=$!; PIDS+=("$SENDER_PID")
     sleep 1
 }
@@ -214,7 +214,6 @@ run_one() {  # setup run -> prints a JSON object
             [ "$(psql_ "SELECT coalesce(flush_lsn >= pg_current_wal_flush_lsn(), false) FROM pg_stat_replication WHERE application_name = '$app'")" = t ] && break
             sleep 0.1
         done
-        sample "$app" "$dir/samples" & sampler=$!
     fi
     if [[ $setup == *_sync ]]; then
         psql_ "ALTER SYSTEM SET synchronous_standby_names = '$app'" >/dev/null
@@ -224,8 +223,15 @@ run_one() {  # setup run -> prints a JSON object
             sleep 0.1
         done
     fi
+    # Every run starts right after a checkpoint, as on a primary in steady state: the first
+    # change to each page after it is a full-page image. Without it, a freshly loaded
+    # database writes no full-page images at all until its first checkpoint.
+    psql_ "CHECKPOINT" >/dev/null
     local wal_start; wal_start=$(psql_ "SELECT pg_current_wal_flush_lsn()")
     local tps latency
+    # Sampled only while the load runs: pg_stat_replication keeps the last lag it measured,
+    # so samples taken before would repeat the catch-up's.
+    [ -n "$recv_pid" ] && { sample "$app" "$dir/samples" & sampler=$!; }
     "$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" "$CONN" > "$dir/pgbench.out" 2>/dev/null || true
     tps=$(awk '/^tps/ {print $3; exit}' "$dir/pgbench.out")
     latency=$(awk '/^latency average/ {print $4; exit}' "$dir/pgbench.out")
@@ -300,6 +306,8 @@ replay_one() {  # feed run -> JSON
         [ "$("$PG_BIN/psql" -XAtq -d "$SCONN" -c "SELECT coalesce(pg_last_wal_replay_lsn() >= '$target', false)" 2>/dev/null)" = t ] && break
         sleep 0.1
     done
+    # Every feed's load starts right after a checkpoint, as in the streaming part.
+    psql_ "CHECKPOINT" >/dev/null
     ( while true; do
         "$PG_BIN/psql" -XAtq -d "$SCONN" -c "SELECT (extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000)::numeric(12,3)" >> "$dir/lag" 2>/dev/null || true
         sleep 0.1
@@ -320,7 +328,7 @@ replay_one() {  # feed run -> JSON
 REPLAY="$WORK/replay.jsonl"
 : > "$REPLAY"
 if [[ " $PARTS " == *" replay "* ]]; then
-    FEEDS=(native restore_command walship)
+    read -r -a FEEDS <<< "${BENCH_FEEDS:-native restore_command walship}"
     for run in $(seq "$RUNS"); do
         order=("${FEEDS[@]}")
         (( run % 2 == 0 )) && order=(walship restore_command native)

@@ -47,8 +47,10 @@ enum Command {
         /// Most receivers connected at once; more are closed at once.
         #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
-        /// How long a small run of WAL (under 16 KiB) waits for more before it is sent.
-        /// Larger frames compress better and cost fewer wake-ups; 0 sends at once.
+        /// How long a small run of WAL (under 16 KiB) may wait for more while the receiver
+        /// has not yet acknowledged the WAL sent before it. A receiver that has acknowledged
+        /// everything gets new WAL at once. Larger frames compress better and cost fewer
+        /// wake-ups; 0 never waits.
         #[arg(long, value_name = "DURATION", default_value = DEFAULT_BATCH_DELAY, value_parser = humantime::parse_duration)]
         batch_delay: std::time::Duration,
         /// How long a new connection has for each step of its handshake (TLS, hello,

@@ -467,6 +467,10 @@ struct Upstream<'a> {
     raw_bytes: u64,
     /// A message read while coalescing that still has to be handled.
     pending: Option<CopyMessage>,
+    /// Where this stream started: the receiver may acknowledge up to here before any WAL.
+    start_lsn: Lsn,
+    /// The receiver's latest (write, flush) acknowledgement.
+    acks: watch::Receiver<(Lsn, Lsn)>,
     batch_delay: Duration,
     /// The timeline was streamed to its end: the session is over.
     ended: bool,
@@ -487,18 +491,41 @@ impl Upstream<'_> {
                 let mut server_flush_lsn = server_flush_lsn;
                 self.check_continues(start_lsn, &data)?;
                 // Small frames compress badly (each zstd flush restarts its entropy tables)
-                // and cost a wake-up on both sides, so a small run of WAL waits up to
-                // `batch_delay` for more. recv_copy is cancellation-safe: a message still
-                // arriving when the wait ends stays buffered for the next round.
+                // and cost a wake-up on both sides. So, as Nagle's algorithm does, a small
+                // run of WAL waits for more while the receiver still has WAL of ours to
+                // acknowledge, up to `batch_delay`; once it has acknowledged everything it
+                // is idle, and the run goes at once. Acknowledgements that arrive meanwhile
+                // are reported upstream at once: a synchronous commit waits for them.
+                //
+                // Otherwise only what is already buffered is taken. (A zero-length timeout
+                // would not do: the timer fires at its next tick, and WAL arriving more
+                // often than that would extend the run without bound.) recv_copy is
+                // cancellation-safe: a message still arriving stays buffered for later.
                 let deadline = tokio::time::Instant::now() + self.batch_delay;
+                let mut busy = self.ack_flush_lsn < start_lsn;
                 while data.len() < MAX_BATCH {
-                    let wait = if data.len() < SMALL_BATCH {
-                        deadline.saturating_duration_since(tokio::time::Instant::now())
+                    let wait =
+                        busy && data.len() < SMALL_BATCH && tokio::time::Instant::now() < deadline;
+                    let next = if wait {
+                        tokio::select! {
+                            m = self.pg.recv_copy() => Some(m),
+                            _ = tokio::time::sleep_until(deadline) => None,
+                            changed = self.acks.changed() => {
+                                if changed.is_err() || self.on_ack().await? >= start_lsn {
+                                    busy = false;
+                                }
+                                continue;
+                            }
+                        }
                     } else {
-                        Duration::ZERO
+                        tokio::select! {
+                            biased;
+                            m = self.pg.recv_copy() => Some(m),
+                            _ = std::future::ready(()) => None,
+                        }
                     };
-                    match tokio::time::timeout(wait, self.pg.recv_copy()).await {
-                        Ok(Ok(CopyMessage::XLogData {
+                    match next {
+                        Some(Ok(CopyMessage::XLogData {
                             start_lsn: next,
                             server_flush_lsn: sf,
                             data: more,
@@ -507,12 +534,12 @@ impl Upstream<'_> {
                             data.extend_from_slice(&more);
                             server_flush_lsn = server_flush_lsn.max(sf);
                         }
-                        Ok(Ok(other)) => {
+                        Some(Ok(other)) => {
                             self.pending = Some(other);
                             break;
                         }
-                        Ok(Err(e)) => return Err(e.context("receive WAL from PostgreSQL")),
-                        Err(_) => break,
+                        Some(Err(e)) => return Err(e.context("receive WAL from PostgreSQL")),
+                        None => break,
                     }
                 }
                 self.out
@@ -610,14 +637,17 @@ impl Upstream<'_> {
         Ok(())
     }
 
-    async fn on_ack(&mut self, start_lsn: Lsn, write_lsn: Lsn, flush_lsn: Lsn) -> Result<()> {
+    /// Takes the receiver's latest acknowledgement, checks it and reports it upstream;
+    /// returns the acknowledged flush position.
+    async fn on_ack(&mut self) -> Result<Lsn> {
+        let (write_lsn, flush_lsn) = *self.acks.borrow_and_update();
         if flush_lsn < self.ack_flush_lsn {
             bail!(
                 "receiver acknowledged {flush_lsn}, behind its earlier acknowledgement {}",
                 self.ack_flush_lsn
             );
         }
-        if write_lsn > self.sent_lsn.max(start_lsn) {
+        if write_lsn > self.sent_lsn.max(self.start_lsn) {
             bail!(
                 "receiver acknowledged {write_lsn}, beyond the {} it was sent",
                 self.sent_lsn
@@ -625,7 +655,8 @@ impl Upstream<'_> {
         }
         self.ack_write_lsn = write_lsn;
         self.ack_flush_lsn = flush_lsn;
-        self.report().await
+        self.report().await?;
+        Ok(flush_lsn)
     }
 
     async fn on_tick(&mut self) -> Result<()> {
@@ -653,7 +684,7 @@ async fn stream(
     batch_delay: Duration,
 ) -> Result<()> {
     // Acknowledgements arrive on their own task: frame reads are not cancellation-safe.
-    let (ack_tx, mut ack_rx) = watch::channel((Lsn::INVALID, Lsn::INVALID));
+    let (ack_tx, ack_rx) = watch::channel((Lsn::INVALID, Lsn::INVALID));
     let (fb_tx, mut fb_rx) = watch::channel((Lsn::INVALID, (0u32, 0u32, 0u32, 0u32)));
     let mut acks = tokio::spawn(async move {
         loop {
@@ -694,6 +725,8 @@ async fn stream(
         hot_standby: (0, 0, 0, 0),
         raw_bytes: 0,
         pending: None,
+        start_lsn,
+        acks: ack_rx,
         batch_delay,
         ended: false,
     };
@@ -713,12 +746,11 @@ async fn stream(
                 Ok(m) => up.on_copy(m).await,
                 Err(e) => Err(e.context("receive WAL from PostgreSQL")),
             },
-            changed = ack_rx.changed() => {
+            changed = up.acks.changed() => {
                 if changed.is_err() {
                     break Ok(());
                 }
-                let (write_lsn, flush_lsn) = *ack_rx.borrow_and_update();
-                up.on_ack(start_lsn, write_lsn, flush_lsn).await
+                up.on_ack().await.map(|_| ())
             }
             changed = fb_rx.changed() => {
                 if changed.is_err() {
