@@ -30,7 +30,7 @@
 #
 # Environment: BENCH_PARTS ("bootstrap streaming replay catchup restore"), BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
 # BENCH_RUNS (default 3), BENCH_OUT (default bench-results.json), BENCH_SETUPS (default
-# "none pg_receivewal walship"), BENCH_ZSTD_LEVEL (the sender's --zstd-level, default 3),
+# "none pg_receivewal walship"), BENCH_ZSTD_LEVEL (the sender's --zstd-level, default 1),
 # BENCH_KEEP=1 keeps the temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,7 +80,7 @@ psql_() { "$PG_BIN/psql" -XAtq -d "$CONN" -c "$1"; }
 "$PG_BIN/pgbench" -i -q -s "$SCALE" "$CONN" >/dev/null 2>&1
 
 SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
-"$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" ${BENCH_BATCH_DELAY:+--batch-delay $BENCH_BATCH_DELAY} > "$WORK/sender.log" 2>&1 &
+"$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-1}" ${BENCH_BATCH_DELAY:+--batch-delay $BENCH_BATCH_DELAY} > "$WORK/sender.log" 2>&1 &
 SENDER_PID=$!
 PIDS+=("$SENDER_PID")
 sleep 1
@@ -125,7 +125,7 @@ NS="walship_bench_$$"
 SENDER_LOG="$WORK/sender.log"
 start_sender() {  # log
     SENDER_LOG=$1
-    "${NSX[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" ${BENCH_BATCH_DELAY:+--batch-delay $BENCH_BATCH_DELAY} > "$SENDER_LOG" 2>&1 &
+    "${NSX[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-1}" ${BENCH_BATCH_DELAY:+--batch-delay $BENCH_BATCH_DELAY} > "$SENDER_LOG" 2>&1 &
     SENDER_PID=$!; PIDS+=("$SENDER_PID")
     sleep 1
 }
@@ -232,7 +232,13 @@ run_one() {  # setup run -> prints a JSON object
     # Sampled only while the load runs: pg_stat_replication keeps the last lag it measured,
     # so samples taken before would repeat the catch-up's.
     [ -n "$recv_pid" ] && { sample "$app" "$dir/samples" & sampler=$!; }
+    # CPU seconds of the receiver and of wal-sender during the load.
+    local r0=0 s0; s0=$(cpu_ticks "$SENDER_PID")
+    [ -n "$recv_pid" ] && r0=$(cpu_ticks "$recv_pid")
     "$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" "$CONN" > "$dir/pgbench.out" 2>/dev/null || true
+    local recv_cpu=null sender_cpu=null
+    [ -n "$recv_pid" ] && recv_cpu=$(awk -v a="$r0" -v b="$(cpu_ticks "$recv_pid")" -v t="$TICKS" 'BEGIN {printf "%.2f", (b - a) / t}')
+    [[ $setup == walship* ]] && sender_cpu=$(awk -v a="$s0" -v b="$(cpu_ticks "$SENDER_PID")" -v t="$TICKS" 'BEGIN {printf "%.2f", (b - a) / t}')
     tps=$(awk '/^tps/ {print $3; exit}' "$dir/pgbench.out")
     latency=$(awk '/^latency average/ {print $4; exit}' "$dir/pgbench.out")
     if [[ $setup == *_sync ]]; then
@@ -255,8 +261,8 @@ run_one() {  # setup run -> prints a JSON object
         psql_ "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('$app', 'walship_$app')" >/dev/null || true
     fi
     [ -n "${BENCH_KEEP:-}" ] || rm -rf "$dir/wal" "$dir"/0* 2>/dev/null || true
-    printf '{"setup":"%s","run":%s,"tps":%s,"latency_ms":%s,"wal_bytes":%s,"flush_lag_ms_p50":%s,"flush_lag_ms_p99":%s,"flush_lag_bytes_p50":%s,"flush_lag_bytes_p99":%s,"raw_bytes":%s,"wire_bytes":%s}\n' \
-        "$setup" "$run" "${tps:-null}" "${latency:-null}" "$wal_bytes" "$lag_ms_p50" "$lag_ms_p99" "$lag_b_p50" "$lag_b_p99" "$raw" "$wire"
+    printf '{"setup":"%s","run":%s,"tps":%s,"latency_ms":%s,"wal_bytes":%s,"flush_lag_ms_p50":%s,"flush_lag_ms_p99":%s,"flush_lag_bytes_p50":%s,"flush_lag_bytes_p99":%s,"raw_bytes":%s,"wire_bytes":%s,"receiver_cpu_s":%s,"sender_cpu_s":%s}\n' \
+        "$setup" "$run" "${tps:-null}" "${latency:-null}" "$wal_bytes" "$lag_ms_p50" "$lag_ms_p99" "$lag_b_p50" "$lag_b_p99" "$raw" "$wire" "$recv_cpu" "$sender_cpu"
 }
 
 RESULTS="$WORK/results.jsonl"
@@ -355,7 +361,7 @@ catchup_one() {  # tool run -> JSON
     # A sender of its own, so that its peak RSS and CPU are this catch-up's. (This runs in
     # a pipeline's subshell: everything it starts, it stops.)
     local port=$(( SENDER_PORT + 1 )) spid
-    "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$port" --zstd-level "${BENCH_ZSTD_LEVEL:-3}" > "$dir/sender.log" 2>&1 &
+    "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$port" --zstd-level "${BENCH_ZSTD_LEVEL:-1}" > "$dir/sender.log" 2>&1 &
     spid=$!
     sleep 0.5
     start_receiver() {
@@ -581,7 +587,7 @@ fi
 
 # Medians per setup, then ratios walship / pg_receivewal.
 median_of() { median "$RESULTS" "\"setup\":\"$1\"" "$2"; }  # setup field
-FIELDS=(tps latency_ms flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_bytes_p99 wal_bytes raw_bytes wire_bytes)
+FIELDS=(tps latency_ms flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flush_lag_bytes_p99 wal_bytes raw_bytes wire_bytes receiver_cpu_s sender_cpu_s)
 {
     printf '\nStreaming, pgbench -c 4 -T %s, scale %s, median of %s runs\n\n' "$SECONDS_PER_RUN" "$SCALE" "$RUNS"
     printf '%-22s %14s %14s %14s %12s\n' metric none pg_receivewal walship "walship/pgrw"
