@@ -80,10 +80,17 @@ psql_() { "$PG_BIN/psql" -XAtq -d "$CONN" -c "$1"; }
 "$PG_BIN/pgbench" -i -q -s "$SCALE" "$CONN" >/dev/null 2>&1
 
 SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
-"$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-1}" ${BENCH_BATCH_DELAY:+--batch-delay $BENCH_BATCH_DELAY} > "$WORK/sender.log" 2>&1 &
-SENDER_PID=$!
-PIDS+=("$SENDER_PID")
-sleep 1
+# NSX prefixes the sender (and the primary) with `ip netns exec` while a link is shaped.
+NSX=()
+NS="walship_bench_$$"
+SENDER_LOG="$WORK/sender.log"
+start_sender() {  # log
+    SENDER_LOG=$1
+    "${NSX[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-1}" ${BENCH_BATCH_DELAY:+--batch-delay $BENCH_BATCH_DELAY} > "$SENDER_LOG" 2>&1 &
+    SENDER_PID=$!; PIDS+=("$SENDER_PID")
+    sleep 1
+}
+start_sender "$WORK/sender.log"
 PARTS=${BENCH_PARTS:-bootstrap streaming replay catchup restore}
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -120,15 +127,6 @@ boot_one() {  # tool run link -> JSON
 }
 
 AS_PG=(); [ "$(id -u)" = 0 ] && AS_PG=(runuser -u postgres --)
-NSX=()
-NS="walship_bench_$$"
-SENDER_LOG="$WORK/sender.log"
-start_sender() {  # log
-    SENDER_LOG=$1
-    "${NSX[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-1}" ${BENCH_BATCH_DELAY:+--batch-delay $BENCH_BATCH_DELAY} > "$SENDER_LOG" 2>&1 &
-    SENDER_PID=$!; PIDS+=("$SENDER_PID")
-    sleep 1
-}
 restart_primary() {  # extra postgres options
     kill "$SENDER_PID" 2>/dev/null; wait "$SENDER_PID" 2>/dev/null || true
     as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -w stop -m fast >/dev/null

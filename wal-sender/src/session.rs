@@ -502,17 +502,21 @@ impl Upstream<'_> {
                 // often than that would extend the run without bound.) recv_copy is
                 // cancellation-safe: a message still arriving stays buffered for later.
                 let deadline = tokio::time::Instant::now() + self.batch_delay;
-                let mut busy = self.ack_flush_lsn < start_lsn;
+                let mut receiver_gone = false;
                 while data.len() < MAX_BATCH {
-                    let wait =
-                        busy && data.len() < SMALL_BATCH && tokio::time::Instant::now() < deadline;
+                    // Busy: WAL sent before this run is not all acknowledged yet.
+                    let wait = !receiver_gone
+                        && self.ack_flush_lsn < start_lsn
+                        && data.len() < SMALL_BATCH
+                        && tokio::time::Instant::now() < deadline;
                     let next = if wait {
                         tokio::select! {
                             m = self.pg.recv_copy() => Some(m),
                             _ = tokio::time::sleep_until(deadline) => None,
                             changed = self.acks.changed() => {
-                                if changed.is_err() || self.on_ack().await? >= start_lsn {
-                                    busy = false;
+                                match changed {
+                                    Ok(()) => self.on_ack().await?,
+                                    Err(_) => receiver_gone = true,
                                 }
                                 continue;
                             }
@@ -637,9 +641,8 @@ impl Upstream<'_> {
         Ok(())
     }
 
-    /// Takes the receiver's latest acknowledgement, checks it and reports it upstream;
-    /// returns the acknowledged flush position.
-    async fn on_ack(&mut self) -> Result<Lsn> {
+    /// Takes the receiver's latest acknowledgement, checks it and reports it upstream.
+    async fn on_ack(&mut self) -> Result<()> {
         let (write_lsn, flush_lsn) = *self.acks.borrow_and_update();
         if flush_lsn < self.ack_flush_lsn {
             bail!(
@@ -655,8 +658,7 @@ impl Upstream<'_> {
         }
         self.ack_write_lsn = write_lsn;
         self.ack_flush_lsn = flush_lsn;
-        self.report().await?;
-        Ok(flush_lsn)
+        self.report().await
     }
 
     async fn on_tick(&mut self) -> Result<()> {
@@ -750,7 +752,7 @@ async fn stream(
                 if changed.is_err() {
                     break Ok(());
                 }
-                up.on_ack().await.map(|_| ())
+                up.on_ack().await
             }
             changed = fb_rx.changed() => {
                 if changed.is_err() {
