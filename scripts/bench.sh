@@ -86,9 +86,11 @@ NS="walship_bench_$$"
 SENDER_LOG="$WORK/sender.log"
 start_sender() {  # log
     SENDER_LOG=$1
-    "${NSX[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level "${BENCH_ZSTD_LEVEL:-1}" ${BENCH_BATCH_DELAY:+--batch-delay $BENCH_BATCH_DELAY} > "$SENDER_LOG" 2>&1 &
+    "${NSX[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level="${BENCH_ZSTD_LEVEL:-1}" ${BENCH_BATCH_DELAY:+--batch-delay=$BENCH_BATCH_DELAY} > "$SENDER_LOG" 2>&1 &
     SENDER_PID=$!; PIDS+=("$SENDER_PID")
     sleep 1
+    # A sender that did not start (a bad option, a busy port) would leave every run waiting.
+    kill -0 "$SENDER_PID" 2>/dev/null || { cat "$SENDER_LOG" >&2; say "wal-sender did not start"; exit 1; }
 }
 start_sender "$WORK/sender.log"
 PARTS=${BENCH_PARTS:-bootstrap streaming replay catchup restore}

@@ -144,17 +144,13 @@ fn frame_crc(header16: &[u8], body: &[u8]) -> u32 {
 /// Encodes frames for one direction of one connection.
 pub struct FrameEncoder {
     zstd: ZEncoder<'static>,
-    scratch: Vec<u8>,
 }
 
 impl FrameEncoder {
     /// `level` is the zstd level used for compressed frames.
     pub fn new(level: i32) -> Result<FrameEncoder, FrameError> {
         let zstd = ZEncoder::new(level).map_err(|e| FrameError::Compress(e.to_string()))?;
-        Ok(FrameEncoder {
-            zstd,
-            scratch: Vec::new(),
-        })
+        Ok(FrameEncoder { zstd })
     }
 
     /// Appends one frame carrying `payload` to `out`. With `compress`, the payload goes
@@ -169,52 +165,67 @@ impl FrameEncoder {
         if payload.len() > MAX_RAW_LEN as usize {
             return Err(FrameError::PayloadTooLarge(payload.len()));
         }
-        let raw_len = payload.len() as u32;
-        let (flags, body): (u8, &[u8]) = if compress {
-            self.scratch.clear();
-            self.scratch
-                .reserve(zstd::zstd_safe::compress_bound(payload.len()) + 64);
-            let mut input = InBuffer::around(payload);
-            while input.pos < payload.len() {
-                self.run_into_scratch(|z, out| z.run(&mut input, out).map(|_| ()))?;
-            }
-            loop {
-                let mut remaining = 0;
-                self.run_into_scratch(|z, out| z.flush(out).map(|r| remaining = r))?;
-                if remaining == 0 {
-                    break;
-                }
-            }
-            (FLAG_COMPRESSED, &self.scratch[..])
-        } else {
-            (0, payload)
-        };
-        if body.len() > MAX_WIRE_LEN as usize {
-            return Err(FrameError::PayloadTooLarge(body.len()));
-        }
+        // The header goes first with its lengths and checksums left blank; the payload is
+        // compressed straight into `out` behind it, then the header is filled in.
         let start = out.len();
-        out.extend_from_slice(&MAGIC);
-        out.push(kind);
-        out.push(flags);
-        out.extend_from_slice(&raw_len.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        let crc = frame_crc(&out[start..start + 16], body);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out.extend_from_slice(body);
+        let body_start = start + HEADER_LEN;
+        let flags = if compress {
+            out.reserve(HEADER_LEN + zstd::zstd_safe::compress_bound(payload.len()) + 64);
+            out.resize(body_start, 0);
+            if let Err(e) = self.compress_into(payload, out) {
+                out.truncate(start);
+                return Err(e);
+            }
+            FLAG_COMPRESSED
+        } else {
+            out.resize(body_start, 0);
+            out.extend_from_slice(payload);
+            0
+        };
+        let wire_len = out.len() - body_start;
+        if wire_len > MAX_WIRE_LEN as usize {
+            out.truncate(start);
+            return Err(FrameError::PayloadTooLarge(wire_len));
+        }
+        let (header, body) = out[start..].split_at_mut(HEADER_LEN);
+        header[0..2].copy_from_slice(&MAGIC);
+        header[2] = kind;
+        header[3] = flags;
+        header[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        header[8..12].copy_from_slice(&(wire_len as u32).to_le_bytes());
+        header[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        let crc = frame_crc(&header[..16], body);
+        header[16..20].copy_from_slice(&crc.to_le_bytes());
         Ok(())
     }
 
-    fn run_into_scratch(
+    /// Appends `payload` to `out` through this connection's zstd stream, flushed.
+    fn compress_into(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
+        let mut input = InBuffer::around(payload);
+        while input.pos < payload.len() {
+            self.run_into(out, |z, o| z.run(&mut input, o).map(|_| ()))?;
+        }
+        loop {
+            let mut remaining = 0;
+            self.run_into(out, |z, o| z.flush(o).map(|r| remaining = r))?;
+            if remaining == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs one zstd step that appends its output to `out`, with room for it made first.
+    fn run_into(
         &mut self,
-        mut f: impl FnMut(&mut ZEncoder<'static>, &mut OutBuffer<'_, [u8]>) -> io::Result<()>,
+        out: &mut Vec<u8>,
+        f: impl FnOnce(&mut ZEncoder<'static>, &mut OutBuffer<'_, Vec<u8>>) -> io::Result<()>,
     ) -> Result<(), FrameError> {
-        let mut chunk = [0u8; 64 << 10];
-        let mut out = OutBuffer::around(&mut chunk[..]);
-        f(&mut self.zstd, &mut out).map_err(|e| FrameError::Compress(e.to_string()))?;
-        let n = out.pos();
-        self.scratch.extend_from_slice(&chunk[..n]);
-        Ok(())
+        if out.capacity() - out.len() < 1024 {
+            out.reserve(64 << 10);
+        }
+        let pos = out.len();
+        let mut o = OutBuffer::around_pos(out, pos);
+        f(&mut self.zstd, &mut o).map_err(|e| FrameError::Compress(e.to_string()))
     }
 }
 
@@ -292,36 +303,6 @@ impl FrameDecoder {
         })
     }
 
-    /// Reads one frame. A clean end of stream before a frame starts is `Ok(None)`; an end
-    /// inside a frame is [`FrameError::Truncated`]. Not cancellation-safe: a frame partly read
-    /// when the future is dropped is lost, and the connection must be dropped with it.
-    pub async fn read_frame<R: AsyncRead + Unpin>(
-        &mut self,
-        r: &mut R,
-    ) -> Result<Option<Frame>, FrameError> {
-        let mut hdr = [0u8; HEADER_LEN];
-        let got = read_full(r, &mut hdr).await?;
-        if got == 0 {
-            return Ok(None);
-        }
-        if got < HEADER_LEN {
-            return Err(FrameError::Truncated {
-                got,
-                want: HEADER_LEN,
-            });
-        }
-        let header = Header::parse(&hdr)?;
-        let mut body = vec![0u8; header.wire_len as usize];
-        let got = read_full(r, &mut body).await?;
-        if got < body.len() {
-            return Err(FrameError::Truncated {
-                got: HEADER_LEN + got,
-                want: HEADER_LEN + body.len(),
-            });
-        }
-        self.decode(&header, &hdr, &body).map(Some)
-    }
-
     /// Decodes one frame from a complete buffer (used by tests and fuzzing).
     pub fn decode_buf(&mut self, buf: &[u8]) -> Result<Frame, FrameError> {
         if buf.len() < HEADER_LEN {
@@ -343,25 +324,99 @@ impl FrameDecoder {
     }
 }
 
-/// Reads until `buf` is full or the stream ends; returns the bytes read.
+/// How much a [`FrameReader`] asks the stream for at a time, at least.
+const READ_CHUNK: usize = 64 << 10;
+
+/// Reads frames from one direction of a connection, through a buffer.
 ///
-/// TLS reports a peer that closed without `close_notify` as `UnexpectedEof`. That is an end
-/// of stream like any other here: frames delimit themselves, so a cut inside a frame is
-/// still caught as truncation by the caller, and a cut between frames is a plain close.
-async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        let n = match r.read(&mut buf[got..]).await {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            break;
-        }
-        got += n;
+/// `read_frame` is cancellation-safe: bytes already read stay in the buffer when its future
+/// is dropped, so a loop may wait for the next frame in a `select!` beside other work, on
+/// its own task, without a reader task and a channel between. A whole buffered frame is
+/// decoded without waiting, and one read takes in as many frames as the stream holds.
+///
+/// The buffer holds at most one frame's length (checked by [`Header::parse`] before the
+/// buffer grows for it) plus one [`READ_CHUNK`].
+pub struct FrameReader<R> {
+    r: R,
+    dec: FrameDecoder,
+    buf: Vec<u8>,
+    /// Where the bytes not yet decoded start in `buf`.
+    pos: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(r: R) -> Result<FrameReader<R>, FrameError> {
+        Ok(FrameReader {
+            r,
+            dec: FrameDecoder::new()?,
+            buf: Vec::new(),
+            pos: 0,
+        })
     }
-    Ok(got)
+
+    /// Reads one frame. A clean end of stream before a frame starts is `Ok(None)`; an end
+    /// inside a frame is [`FrameError::Truncated`]. Cancellation-safe.
+    ///
+    /// TLS reports a peer that closed without `close_notify` as `UnexpectedEof`. That is an
+    /// end of stream like any other here: frames delimit themselves, so a cut inside a frame
+    /// is still caught as truncation, and a cut between frames is a plain close.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        loop {
+            let want = match self.buffered()? {
+                Buffered::Frame(f) => return Ok(Some(f)),
+                Buffered::Needs(want) => want,
+            };
+            if self.pos > 0 {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+            }
+            let target = want.max(self.buf.len() + READ_CHUNK);
+            self.buf.reserve_exact(target - self.buf.len());
+            let n = match self.r.read_buf(&mut self.buf).await {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+                Err(e) => return Err(e.into()),
+            };
+            if n == 0 {
+                return match self.buf.len() {
+                    0 => Ok(None),
+                    got => Err(FrameError::Truncated { got, want }),
+                };
+            }
+        }
+    }
+
+    /// A frame that is already whole in the buffer, or `None` without waiting when none is
+    /// (then [`read_frame`](Self::read_frame) waits for the next).
+    pub fn next_buffered(&mut self) -> Result<Option<Frame>, FrameError> {
+        match self.buffered()? {
+            Buffered::Frame(f) => Ok(Some(f)),
+            Buffered::Needs(_) => Ok(None),
+        }
+    }
+
+    /// Decodes the next frame if the buffer holds all of it; otherwise says how many bytes
+    /// it needs in all, header included. The header is checked before that length is used.
+    fn buffered(&mut self) -> Result<Buffered, FrameError> {
+        let avail = &self.buf[self.pos..];
+        let Some(hdr) = avail.first_chunk::<HEADER_LEN>() else {
+            return Ok(Buffered::Needs(HEADER_LEN));
+        };
+        let hdr = *hdr;
+        let header = Header::parse(&hdr)?;
+        let end = HEADER_LEN + header.wire_len as usize;
+        if avail.len() < end {
+            return Ok(Buffered::Needs(end));
+        }
+        let frame = self.dec.decode(&header, &hdr, &avail[HEADER_LEN..end])?;
+        self.pos += end;
+        Ok(Buffered::Frame(frame))
+    }
+}
+
+enum Buffered {
+    Frame(Frame),
+    Needs(usize),
 }
 
 #[cfg(test)]
@@ -480,19 +535,48 @@ mod tests {
         let mut enc = FrameEncoder::new(1).unwrap();
         let mut wire = Vec::new();
         enc.encode(5, b"hello", true, &mut wire).unwrap();
-        let mut dec = FrameDecoder::new().unwrap();
-        let mut r = &wire[..];
-        assert_eq!(
-            dec.read_frame(&mut r).await.unwrap().unwrap().payload,
-            b"hello"
-        );
-        assert!(dec.read_frame(&mut r).await.unwrap().is_none());
-        let mut r = &wire[..wire.len() - 1];
-        let mut dec = FrameDecoder::new().unwrap();
+        let mut r = FrameReader::new(&wire[..]).unwrap();
+        assert_eq!(r.read_frame().await.unwrap().unwrap().payload, b"hello");
+        assert!(r.read_frame().await.unwrap().is_none());
+        let mut r = FrameReader::new(&wire[..wire.len() - 1]).unwrap();
         assert!(matches!(
-            dec.read_frame(&mut r).await,
+            r.read_frame().await,
             Err(FrameError::Truncated { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_read_loses_nothing() {
+        // Frames trickle in a few bytes at a time while every read races a yield, so most
+        // reads are dropped part-way through a frame. Every frame must still arrive whole.
+        let mut enc = FrameEncoder::new(1).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..40).map(|i| wal_like(1 + i * 997, i as u64)).collect();
+        let mut wire = Vec::new();
+        for p in &payloads {
+            enc.encode(7, p, true, &mut wire).unwrap();
+        }
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for chunk in wire.chunks(13) {
+                tx.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut r = FrameReader::new(rx).unwrap();
+        let (mut got, mut cancelled) = (Vec::new(), 0);
+        loop {
+            tokio::select! {
+                f = r.read_frame() => match f.unwrap() {
+                    Some(f) => got.push(f.payload),
+                    None => break,
+                },
+                _ = tokio::task::yield_now() => cancelled += 1,
+            }
+        }
+        writer.await.unwrap();
+        assert!(cancelled > 0, "no read was cancelled");
+        assert_eq!(got, payloads);
     }
 
     #[test]

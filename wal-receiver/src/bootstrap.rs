@@ -440,15 +440,12 @@ async fn receive(
     // Frames are read and decompressed on their own task while this one writes files, and
     // a syncer thread fsyncs finished files while the copy goes on.
     let Connection {
-        mut rd,
-        mut dec,
-        link,
-        ..
+        mut frames, link, ..
     } = conn;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(Message, u64)>>(8);
     let reader = tokio::spawn(async move {
         loop {
-            let item = match tokio::time::timeout(IDLE_TIMEOUT, dec.read_frame(&mut rd)).await {
+            let item = match tokio::time::timeout(IDLE_TIMEOUT, frames.read_frame()).await {
                 Err(_) => Err(anyhow!("the sender sent nothing for {IDLE_TIMEOUT:?}")),
                 Ok(Err(e)) => Err(anyhow::Error::from(e).context("bad frame from sender")),
                 Ok(Ok(None)) => Err(anyhow!(

@@ -1,10 +1,11 @@
 //! `wal-receiver follow`: keep a WAL store current from a wal-sender, across any outage.
 //!
-//! One task reads frames from the sender (frame reads are not cancellation-safe, so they
-//! live on their own task) and passes messages through a bounded channel to the writer loop.
-//! The writer appends everything already queued, then flushes once (group commit: while it
-//! waits for fdatasync more WAL queues up, so fsyncs per second stay bounded however small
-//! the messages are), and only then acknowledges the new flush position.
+//! One loop reads frames from the sender, writes them, flushes and acknowledges, without a
+//! hop to another task. It writes every frame already whole in its read buffer, then
+//! flushes once (group commit: while it waits for fdatasync more WAL queues up, so fsyncs
+//! per second stay bounded however small the messages are), and only then acknowledges the
+//! new flush position. Frame reads are cancellation-safe, so the same loop also waits for
+//! the served standby's feedback.
 //!
 //! After any failure that is not fatal the receiver reconnects with exponential backoff and
 //! resumes at the store's persisted flush position: nothing acknowledged is asked for again,
@@ -17,9 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tracing::{info, warn};
-use walship_common::frame::{FrameDecoder, FrameEncoder};
+use walship_common::frame::{Frame, FrameEncoder, FrameError, FrameReader};
 use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL_VERSION};
 use walship_common::timeline::History;
 use walship_common::tls::{self, Reader, Writer};
@@ -209,9 +209,8 @@ pub struct ServerInfo {
 
 /// An open connection to a sender, past the handshake.
 pub struct Connection {
-    pub rd: Reader,
+    pub frames: FrameReader<Reader>,
     pub link: Link,
-    pub dec: FrameDecoder,
     pub info: ServerInfo,
 }
 
@@ -227,7 +226,7 @@ pub async fn connect(
         .map_err(|_| anyhow!("connecting to {sender} timed out"))?
         .with_context(|| format!("connect to sender {sender}"))?;
     sock.set_nodelay(true)?;
-    let (mut rd, wr) = match tls_client {
+    let (rd, wr) = match tls_client {
         None => tls::split(sock),
         Some(t) => {
             let host = t
@@ -253,7 +252,7 @@ pub async fn connect(
         enc: FrameEncoder::new(1)?,
         buf: Vec::new(),
     };
-    let mut dec = FrameDecoder::new()?;
+    let mut frames = FrameReader::new(rd)?;
     link.send(&Message::Hello {
         version: PROTOCOL_VERSION,
         name: name.to_owned(),
@@ -261,7 +260,7 @@ pub async fn connect(
     })
     .await
     .map_err(|e| tls_failure(e, sender))?;
-    let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, dec.read_frame(&mut rd))
+    let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.read_frame())
         .await
         .map_err(|_| anyhow!("sender did not answer the handshake within {HANDSHAKE_TIMEOUT:?}"))?
         // With TLS 1.3 a refused client certificate shows here, at the first read.
@@ -297,12 +296,7 @@ pub async fn connect(
         Message::Error { code, message } => return Err(sender_error(code, message)),
         other => bail!("expected ServerInfo from sender, got {:?}", other.kind()),
     };
-    Ok(Connection {
-        rd,
-        link,
-        dec,
-        info,
-    })
+    Ok(Connection { frames, link, info })
 }
 
 /// The major version in a PostgreSQL version string ("15.18 (Debian ...)" is 15); 0 if
@@ -580,9 +574,8 @@ async fn session(
     let (
         sender,
         Connection {
-            mut rd,
+            mut frames,
             mut link,
-            mut dec,
             info,
         },
     ) = choose(
@@ -618,7 +611,7 @@ async fn session(
         );
     }
     if timeline > store_timeline {
-        follow_history(store, &sender, timeline, &mut link, &mut dec, &mut rd).await?;
+        follow_history(store, &sender, timeline, &mut link, &mut frames).await?;
         publish(feed.as_deref(), store);
     }
     let timeline = store.state().map(|s| s.timeline).unwrap_or(timeline);
@@ -645,34 +638,27 @@ async fn session(
         }
     }
 
-    let (tx, mut rx) = mpsc::channel::<Result<(Message, u64)>>(256);
-    let reader = tokio::spawn(async move {
-        loop {
-            let item = match dec.read_frame(&mut rd).await {
-                Ok(Some(frame)) => Message::decode(&frame)
-                    .map(|m| (m, frame.wire_bytes))
-                    .map_err(anyhow::Error::from),
-                Ok(None) => Err(anyhow!("sender closed the connection")),
-                Err(e) => Err(anyhow::Error::from(e).context("bad frame from sender")),
-            };
-            let stop = item.is_err();
-            if tx.send(item).await.is_err() || stop {
-                return;
-            }
-        }
-    });
-    let result = stream(
+    stream(
         store,
-        &mut rx,
+        &mut frames,
         &mut link,
         server_flush_lsn,
         cfg.until,
         feed,
         &cfg.wal_dir,
     )
-    .await;
-    reader.abort();
-    result
+    .await
+}
+
+/// A frame read from the sender, as a message and the bytes it took on the wire.
+fn message_of(read: Result<Option<Frame>, FrameError>) -> Result<(Message, u64)> {
+    match read {
+        Ok(Some(frame)) => Message::decode(&frame)
+            .map(|m| (m, frame.wire_bytes))
+            .map_err(anyhow::Error::from),
+        Ok(None) => Err(anyhow!("sender closed the connection")),
+        Err(e) => Err(anyhow::Error::from(e).context("bad frame from sender")),
+    }
 }
 
 /// How a session ended without an error.
@@ -689,11 +675,10 @@ async fn get_history(
     sender: &str,
     t: TimelineId,
     link: &mut Link,
-    dec: &mut FrameDecoder,
-    rd: &mut Reader,
+    frames: &mut FrameReader<Reader>,
 ) -> Result<Vec<u8>> {
     link.send(&Message::GetHistory { timeline: t.0 }).await?;
-    let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, dec.read_frame(rd))
+    let frame = tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.read_frame())
         .await
         .map_err(|_| {
             anyhow!(
@@ -723,19 +708,18 @@ async fn follow_history(
     sender: &str,
     timeline: TimelineId,
     link: &mut Link,
-    dec: &mut FrameDecoder,
-    rd: &mut Reader,
+    frames: &mut FrameReader<Reader>,
 ) -> Result<()> {
     let from = store.state().map(|s| s.timeline).unwrap_or(timeline);
     // The newest history lists every ancestor; only those above the store's timeline are
     // fetched too (timelines that are not ancestors may not exist on this server).
     let mut files = Vec::new();
-    let newest = get_history(sender, timeline, link, dec, rd).await?;
+    let newest = get_history(sender, timeline, link, frames).await?;
     let hist = History::parse(timeline, &newest)
         .map_err(|why| anyhow!("the sender {sender} sent an unusable history file: {why}"))?;
     for a in &hist.ancestors {
         if a.timeline > from {
-            let content = get_history(sender, a.timeline, link, dec, rd).await?;
+            let content = get_history(sender, a.timeline, link, frames).await?;
             History::parse(a.timeline, &content).map_err(|why| {
                 anyhow!("the sender {sender} sent an unusable history file: {why}")
             })?;
@@ -781,7 +765,7 @@ async fn follow_history(
 #[allow(clippy::too_many_arguments)]
 async fn stream(
     store: &mut Store,
-    rx: &mut mpsc::Receiver<Result<(Message, u64)>>,
+    frames: &mut FrameReader<Reader>,
     link: &mut Link,
     mut server_flush_lsn: Lsn,
     until: Option<Lsn>,
@@ -804,9 +788,9 @@ async fn stream(
                 }
                 continue;
             }
-            r = tokio::time::timeout_at(last_msg + IDLE_TIMEOUT, rx.recv()) => r
-                .map_err(|_| anyhow!("no message from the sender for {IDLE_TIMEOUT:?}; assuming the connection is dead"))?
-                .ok_or_else(|| anyhow!("connection reader stopped"))?,
+            // read_frame is cancellation-safe: a frame partly read stays buffered.
+            r = tokio::time::timeout_at(last_msg + IDLE_TIMEOUT, frames.read_frame()) => message_of(r
+                .map_err(|_| anyhow!("no message from the sender for {IDLE_TIMEOUT:?}; assuming the connection is dead"))?),
             fb = next_feedback(&mut feed) => {
                 let m = feedback_message(&fb);
                 if sent.as_ref() != Some(&m) {
@@ -839,7 +823,10 @@ async fn stream(
                             store.write_lsn()
                         );
                     }
-                    tokio::task::block_in_place(|| store.write(start_lsn, &data, wire_bytes))
+                    // A write into the page cache: not worth handing this worker's other
+                    // tasks to another thread.
+                    store
+                        .write(start_lsn, &data, wire_bytes)
                         .map_err(store_fatal)?;
                     server_flush_lsn = server_flush_lsn.max(sf);
                 }
@@ -864,7 +851,11 @@ async fn stream(
                 other => bail!("unexpected {:?} message from sender", other.kind()),
             }
             if store.write_lsn().saturating_sub(store.flush_lsn()) < MAX_UNFLUSHED {
-                item = rx.try_recv().ok();
+                // Frames already read go into the same flush; none is waited for.
+                item = match frames.next_buffered() {
+                    Ok(None) => None,
+                    read => Some(message_of(read)),
+                };
             }
         }
         if store.write_lsn() > store.flush_lsn() {

@@ -285,18 +285,21 @@ fn main() -> ExitCode {
                     code: exit::USAGE,
                     message,
                 })?;
+            let cfg = wal_receiver::follow::FollowConfig {
+                senders,
+                name,
+                wal_dir,
+                start_lsn,
+                until: None,
+                tls,
+                serve,
+            };
+            // On a worker thread, the task that follows is woken by the thread that sees its
+            // socket ready, not passed on to the main thread: one wake-up per frame, not two.
             let rt = runtime()?;
-            rt.block_on(wal_receiver::follow::follow(
-                wal_receiver::follow::FollowConfig {
-                    senders,
-                    name,
-                    wal_dir,
-                    start_lsn,
-                    until: None,
-                    tls,
-                    serve,
-                },
-            ))
+            rt.block_on(async { tokio::spawn(wal_receiver::follow::follow(cfg)).await })
+                .map_err(|e| anyhow::anyhow!("the follow task failed: {e}"))
+                .and_then(|r| r)
         }),
         Command::Bootstrap {
             senders,

@@ -12,7 +12,7 @@ use walship_common::tls;
 const DEFAULT_ZSTD_LEVEL: i32 = 1;
 const DEFAULT_SNAPSHOT_ZSTD_LEVEL: i32 = 1;
 const DEFAULT_MAX_CONNECTIONS: usize = 64;
-const DEFAULT_BATCH_DELAY: &str = "1ms";
+const DEFAULT_BATCH_DELAY: &str = "0ms";
 
 /// wal-sender: stream a PostgreSQL primary's WAL, compressed and checksummed, to wal-receivers.
 #[derive(Parser, Debug)]
@@ -51,7 +51,8 @@ enum Command {
         /// How long a small run of WAL (under 16 KiB) may wait for more while the receiver
         /// has not yet acknowledged the WAL sent before it. A receiver that has acknowledged
         /// everything gets new WAL at once. Larger frames compress better and cost fewer
-        /// wake-ups; 0 never waits.
+        /// wake-ups, but a synchronous commit waits the longer. 0 (the default) never waits:
+        /// the receiver then batches what arrives while it fsyncs.
         #[arg(long, value_name = "DURATION", default_value = DEFAULT_BATCH_DELAY, value_parser = humantime::parse_duration)]
         batch_delay: std::time::Duration,
         /// How long a new connection has for each step of its handshake (TLS, hello,

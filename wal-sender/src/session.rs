@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tracing::{info, warn};
-use walship_common::frame::{FrameDecoder, FrameEncoder};
+use walship_common::frame::{Frame, FrameEncoder, FrameError, FrameReader};
 use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL_VERSION};
 use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, WalSegSize};
@@ -255,24 +254,24 @@ pub fn certificate_names(der: &[u8]) -> Vec<String> {
     names
 }
 
-async fn read_msg(dec: &mut FrameDecoder, rd: &mut Reader) -> Result<Message> {
-    let frame = dec
-        .read_frame(rd)
+async fn read_msg(frames: &mut FrameReader<Reader>) -> Result<Message> {
+    let frame = frames
+        .read_frame()
         .await?
         .ok_or_else(|| anyhow!("receiver closed the connection"))?;
     Ok(Message::decode(&frame)?)
 }
 
 async fn session(
-    mut rd: Reader,
+    rd: Reader,
     out: &mut Out,
     peer: SocketAddr,
     cfg: &SessionConfig,
     identity: Option<Vec<String>>,
     name_out: &mut String,
 ) -> Result<()> {
-    let mut dec = FrameDecoder::new()?;
-    let hello = tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut dec, &mut rd))
+    let mut frames = FrameReader::new(rd)?;
+    let hello = tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut frames))
         .await
         .map_err(|_| anyhow!("handshake not completed within {:?}", cfg.handshake_timeout))??;
     let (name, mode) = match hello {
@@ -326,12 +325,12 @@ async fn session(
     if mode == Mode::Bootstrap {
         // Nothing compressed was sent yet, so the zstd stream can start at another level.
         out.enc = FrameEncoder::new(cfg.snapshot_zstd_level)?;
-        return bootstrap(pg, rd, dec, out, cfg, &name, &slot).await;
+        return bootstrap(pg, frames, out, cfg, &name, &slot).await;
     }
 
     // History files first (a receiver on an older timeline needs them), then the request.
     let (start_lsn, timeline) = loop {
-        match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut dec, &mut rd))
+        match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut frames))
             .await
             .map_err(|_| anyhow!("handshake not completed within {:?}", cfg.handshake_timeout))??
         {
@@ -378,7 +377,7 @@ async fn session(
     }
     info!(receiver = %name, %start_lsn, timeline, %slot, "streaming WAL");
     // PostgreSQL reports missing WAL only once streaming has begun.
-    stream(pg, rd, dec, out, &name, &slot, start_lsn, cfg.batch_delay)
+    stream(pg, frames, out, &name, &slot, start_lsn, cfg.batch_delay)
         .await
         .map_err(|e| classify_pg_error(e, &slot, start_lsn))
 }
@@ -469,8 +468,8 @@ struct Upstream<'a> {
     pending: Option<CopyMessage>,
     /// Where this stream started: the receiver may acknowledge up to here before any WAL.
     start_lsn: Lsn,
-    /// The receiver's latest (write, flush) acknowledgement.
-    acks: watch::Receiver<(Lsn, Lsn)>,
+    /// What the receiver sends: acknowledgements and its standby's feedback.
+    frames: FrameReader<Reader>,
     batch_delay: Duration,
     /// The timeline was streamed to its end: the session is over.
     ended: bool,
@@ -513,11 +512,10 @@ impl Upstream<'_> {
                         tokio::select! {
                             m = self.pg.recv_copy() => Some(m),
                             _ = tokio::time::sleep_until(deadline) => None,
-                            changed = self.acks.changed() => {
-                                match changed {
-                                    Ok(()) => self.on_ack().await?,
-                                    Err(_) => receiver_gone = true,
-                                }
+                            // read_frame is cancellation-safe: a frame partly read stays
+                            // buffered.
+                            read = self.frames.read_frame() => {
+                                receiver_gone = !self.on_receiver(read).await?;
                                 continue;
                             }
                         }
@@ -621,10 +619,53 @@ impl Upstream<'_> {
             .await
     }
 
+    /// Handles what the receiver sent: the frame read, then every further frame already
+    /// buffered, and reports the result upstream once. False when the receiver closed the
+    /// connection.
+    async fn on_receiver(&mut self, read: Result<Option<Frame>, FrameError>) -> Result<bool> {
+        let mut read = read;
+        let mut report = false;
+        loop {
+            let Some(frame) = read.context("read from receiver")? else {
+                return Ok(false);
+            };
+            match Message::decode(&frame).context("read from receiver")? {
+                Message::Ack {
+                    write_lsn,
+                    flush_lsn,
+                } => {
+                    self.take_ack(write_lsn, flush_lsn)?;
+                    report = true;
+                }
+                Message::StandbyFeedback {
+                    apply_lsn,
+                    xmin,
+                    xmin_epoch,
+                    catalog_xmin,
+                    catalog_xmin_epoch,
+                } => {
+                    let hs = (xmin, xmin_epoch, catalog_xmin, catalog_xmin_epoch);
+                    report |= self.take_standby(apply_lsn, hs).await?;
+                }
+                Message::Error { message, .. } => bail!("receiver reported: {message}"),
+                other => bail!("unexpected {:?} message from receiver", other.kind()),
+            }
+            match self.frames.next_buffered() {
+                Ok(None) => break,
+                more => read = more,
+            }
+        }
+        if report {
+            self.report().await?;
+        }
+        Ok(true)
+    }
+
     /// The standby behind the receiver replayed to `apply_lsn`; its hot-standby feedback is
     /// `hs`. Both go upstream, so that remote_apply and hot_standby_feedback work across
-    /// walship.
-    async fn on_standby(&mut self, apply_lsn: Lsn, hs: HotStandby) -> Result<()> {
+    /// walship: the feedback at once, the apply position with the next report. True when
+    /// that position moved.
+    async fn take_standby(&mut self, apply_lsn: Lsn, hs: HotStandby) -> Result<bool> {
         // A standby cannot have replayed what the receiver does not hold; never report more
         // than was sent.
         let apply_lsn = apply_lsn.min(self.sent_lsn);
@@ -634,16 +675,13 @@ impl Upstream<'_> {
                 .send_hot_standby_feedback(hs.0, hs.1, hs.2, hs.3)
                 .await?;
         }
-        if apply_lsn != self.ack_apply_lsn {
-            self.ack_apply_lsn = apply_lsn;
-            self.report().await?;
-        }
-        Ok(())
+        let moved = apply_lsn != self.ack_apply_lsn;
+        self.ack_apply_lsn = apply_lsn;
+        Ok(moved)
     }
 
-    /// Takes the receiver's latest acknowledgement, checks it and reports it upstream.
-    async fn on_ack(&mut self) -> Result<()> {
-        let (write_lsn, flush_lsn) = *self.acks.borrow_and_update();
+    /// Checks and takes the receiver's acknowledgement.
+    fn take_ack(&mut self, write_lsn: Lsn, flush_lsn: Lsn) -> Result<()> {
         if flush_lsn < self.ack_flush_lsn {
             bail!(
                 "receiver acknowledged {flush_lsn}, behind its earlier acknowledgement {}",
@@ -658,7 +696,7 @@ impl Upstream<'_> {
         }
         self.ack_write_lsn = write_lsn;
         self.ack_flush_lsn = flush_lsn;
-        self.report().await
+        Ok(())
     }
 
     async fn on_tick(&mut self) -> Result<()> {
@@ -674,49 +712,17 @@ impl Upstream<'_> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn stream(
     pg: ReplConn,
-    mut rd: Reader,
-    mut dec: FrameDecoder,
+    frames: FrameReader<Reader>,
     out: &mut Out,
     name: &str,
     slot: &str,
     start_lsn: Lsn,
     batch_delay: Duration,
 ) -> Result<()> {
-    // Acknowledgements arrive on their own task: frame reads are not cancellation-safe.
-    let (ack_tx, ack_rx) = watch::channel((Lsn::INVALID, Lsn::INVALID));
-    let (fb_tx, mut fb_rx) = watch::channel((Lsn::INVALID, (0u32, 0u32, 0u32, 0u32)));
-    let mut acks = tokio::spawn(async move {
-        loop {
-            let Some(frame) = dec.read_frame(&mut rd).await? else {
-                return Ok::<_, anyhow::Error>(());
-            };
-            match Message::decode(&frame)? {
-                Message::Ack {
-                    write_lsn,
-                    flush_lsn,
-                } => {
-                    let _ = ack_tx.send((write_lsn, flush_lsn));
-                }
-                Message::StandbyFeedback {
-                    apply_lsn,
-                    xmin,
-                    xmin_epoch,
-                    catalog_xmin,
-                    catalog_xmin_epoch,
-                } => {
-                    let _ = fb_tx.send((
-                        apply_lsn,
-                        (xmin, xmin_epoch, catalog_xmin, catalog_xmin_epoch),
-                    ));
-                }
-                Message::Error { message, .. } => bail!("receiver reported: {message}"),
-                other => bail!("unexpected {:?} message from receiver", other.kind()),
-            }
-        }
-    });
+    // One task serves both connections: PostgreSQL's WAL goes out, and the receiver's
+    // acknowledgements go upstream, without a hop between tasks.
     let mut up = Upstream {
         pg,
         out,
@@ -728,7 +734,7 @@ async fn stream(
         raw_bytes: 0,
         pending: None,
         start_lsn,
-        acks: ack_rx,
+        frames,
         batch_delay,
         ended: false,
     };
@@ -748,19 +754,11 @@ async fn stream(
                 Ok(m) => up.on_copy(m).await,
                 Err(e) => Err(e.context("receive WAL from PostgreSQL")),
             },
-            changed = up.acks.changed() => {
-                if changed.is_err() {
-                    break Ok(());
-                }
-                up.on_ack().await
-            }
-            changed = fb_rx.changed() => {
-                if changed.is_err() {
-                    break Ok(());
-                }
-                let (apply_lsn, hs) = *fb_rx.borrow_and_update();
-                up.on_standby(apply_lsn, hs).await
-            }
+            read = up.frames.read_frame() => match up.on_receiver(read).await {
+                Ok(true) => Ok(()),
+                Ok(false) => break Ok(()),
+                Err(e) => Err(e),
+            },
             _ = status_tick.tick() => up.on_tick().await,
         };
         if let Err(e) = step {
@@ -769,24 +767,21 @@ async fn stream(
     };
     // After the end of a timeline, let the receiver read it and close first: closing at once
     // could fail the receiver's last write before it has read the message.
-    let drained = if up.ended {
-        tokio::time::timeout(END_DRAIN, &mut acks).await.ok()
+    let drained = if up.ended && result.is_ok() {
+        let drain = async {
+            while up.frames.read_frame().await?.is_some() {}
+            Ok::<_, FrameError>(())
+        };
+        tokio::time::timeout(END_DRAIN, drain).await.ok()
     } else {
         None
-    };
-    let ack_result = match drained {
-        Some(r) => r,
-        None => {
-            acks.abort();
-            acks.await
-        }
     };
     info!(receiver = %name, %slot, sent_lsn = %up.sent_lsn, ack_flush_lsn = %up.ack_flush_lsn, raw_bytes = up.raw_bytes,
           wire_bytes = up.out.wire_bytes,
         frames = up.out.frames, "stream ended");
     up.pg.terminate().await;
-    match (result, ack_result) {
-        (Ok(()), Ok(Err(e))) => Err(e.context("read from receiver")),
+    match (result, drained) {
+        (Ok(()), Some(Err(e))) => Err(anyhow::Error::from(e).context("read from receiver")),
         (r, _) => r,
     }
 }
@@ -796,8 +791,7 @@ async fn stream(
 /// open until it is stopped; if this session fails, dropping it aborts the backup.
 async fn bootstrap(
     mut pg: ReplConn,
-    mut rd: Reader,
-    mut dec: FrameDecoder,
+    mut frames: FrameReader<Reader>,
     out: &mut Out,
     cfg: &SessionConfig,
     name: &str,
@@ -805,7 +799,7 @@ async fn bootstrap(
 ) -> Result<()> {
     let mut have = Have::default();
     loop {
-        match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut dec, &mut rd))
+        match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut frames))
             .await
             .map_err(|_| {
                 anyhow!(
