@@ -851,9 +851,15 @@ async fn stream(
                 other => bail!("unexpected {:?} message from sender", other.kind()),
             }
             if store.write_lsn().saturating_sub(store.flush_lsn()) < MAX_UNFLUSHED {
-                // Frames already read go into the same flush; none is waited for.
+                // Frames already read, and those already in the socket, go into the same
+                // flush; none is waited for. (read_frame is cancellation-safe: a frame
+                // only partly arrived stays buffered for the next read.)
                 item = match frames.next_buffered() {
-                    Ok(None) => None,
+                    Ok(None) => tokio::select! {
+                        biased;
+                        read = frames.read_frame() => Some(message_of(read)),
+                        _ = std::future::ready(()) => None,
+                    },
                     read => Some(message_of(read)),
                 };
             }
