@@ -169,16 +169,15 @@ impl FrameEncoder {
         // compressed straight into `out` behind it, then the header is filled in.
         let start = out.len();
         let body_start = start + HEADER_LEN;
+        out.resize(body_start, 0);
         let flags = if compress {
-            out.reserve(HEADER_LEN + zstd::zstd_safe::compress_bound(payload.len()) + 64);
-            out.resize(body_start, 0);
+            out.reserve(zstd::zstd_safe::compress_bound(payload.len()) + 64);
             if let Err(e) = self.compress_into(payload, out) {
                 out.truncate(start);
                 return Err(e);
             }
             FLAG_COMPRESSED
         } else {
-            out.resize(body_start, 0);
             out.extend_from_slice(payload);
             0
         };

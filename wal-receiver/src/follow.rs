@@ -852,15 +852,13 @@ async fn stream(
             }
             if store.write_lsn().saturating_sub(store.flush_lsn()) < MAX_UNFLUSHED {
                 // Frames already read, and those already in the socket, go into the same
-                // flush; none is waited for. (read_frame is cancellation-safe: a frame
-                // only partly arrived stays buffered for the next read.)
-                item = match frames.next_buffered() {
-                    Ok(None) => tokio::select! {
-                        biased;
-                        read = frames.read_frame() => Some(message_of(read)),
-                        _ = std::future::ready(()) => None,
-                    },
-                    read => Some(message_of(read)),
+                // flush; none is waited for. (read_frame returns a buffered frame at its
+                // first poll, and is cancellation-safe: a frame only partly arrived stays
+                // buffered for the next read.)
+                item = tokio::select! {
+                    biased;
+                    read = frames.read_frame() => Some(message_of(read)),
+                    _ = std::future::ready(()) => None,
                 };
             }
         }

@@ -622,8 +622,7 @@ impl Upstream<'_> {
     /// Handles what the receiver sent: the frame read, then every further frame already
     /// buffered, and reports the result upstream once. False when the receiver closed the
     /// connection.
-    async fn on_receiver(&mut self, read: Result<Option<Frame>, FrameError>) -> Result<bool> {
-        let mut read = read;
+    async fn on_receiver(&mut self, mut read: Result<Option<Frame>, FrameError>) -> Result<bool> {
         let mut report = false;
         loop {
             let Some(frame) = read.context("read from receiver")? else {
