@@ -9,6 +9,7 @@
 //! - [`follow`]: the streaming loop with group commit and reconnects.
 //! - [`restore`]: the `restore_command` helper.
 //! - [`status`]: what a store holds.
+//! - [`walcheck`]: where valid WAL ends in a segment, for recovery after a crash.
 //! - [`walread`]: reading WAL back out of a store while it is written.
 //! - [`serve`]: PostgreSQL's streaming replication protocol, served to a standby from the store.
 
@@ -21,6 +22,7 @@ pub mod sealed;
 pub mod serve;
 pub mod status;
 pub mod store;
+pub mod walcheck;
 pub mod walread;
 
 /// Exit codes of wal-receiver. They are part of its interface (see the README).

@@ -8,11 +8,17 @@
 //!   000000010000000000000013.partial   the segment being written, preallocated
 //! ```
 //!
-//! Positions: `state.flush_lsn <= write_lsn`. Bytes below `write_lsn` are written to segment
-//! files; bytes below `state.flush_lsn` are fdatasynced *and* recorded in `state` (published
-//! atomically). Only `state.flush_lsn` is ever acknowledged, so every acknowledged byte
-//! survives a crash. Bytes past `state.flush_lsn` in a `.partial` are garbage after a crash
-//! and are overwritten when the stream resumes at `state.flush_lsn`; readers never serve them.
+//! Positions: `durable_flush <= state.flush_lsn <= write_lsn`. Bytes below `write_lsn` are
+//! written to segment files; bytes below `state.flush_lsn` are fdatasynced *and then*
+//! recorded in `state`, rewritten in place. Only `state.flush_lsn` is ever acknowledged or
+//! served. `state` itself is fdatasynced only when the flush position enters another segment
+//! (`durable_flush` is what its last fdatasync recorded), as PostgreSQL syncs `pg_control`
+//! only at checkpoints: other processes read the current record from the page cache, and
+//! after a crash the position on disk may lag, but never leave the segment that holds the
+//! acknowledged one. [`Store::open`] then walks that segment's records past it
+//! ([`crate::walcheck`]) and takes up every whole, valid record it finds, so every
+//! acknowledged byte survives a crash. Bytes past that are garbage and are overwritten when
+//! the stream resumes; readers never serve them.
 //!
 //! A `.partial` whose segment lies wholly below `state.flush_lsn` is complete and durable. A
 //! background thread seals it into `.zst` and only then removes the `.partial`; a crash in
@@ -28,7 +34,7 @@ use nix::fcntl::{Flock, FlockArg};
 use walship_common::durable::{self, DurableError};
 use walship_common::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegSize};
 
-use crate::sealed;
+use crate::{sealed, walcheck};
 
 pub const STATE_FILE: &str = "state";
 pub const LOCK_FILE: &str = "LOCK";
@@ -194,6 +200,8 @@ pub struct Store {
     state: Option<StoreState>,
     /// `state`, open for in-place rewrites once the store is initialised.
     state_file: Option<File>,
+    /// The flush position of the last fdatasynced `state`.
+    durable_flush: Lsn,
     write_lsn: Lsn,
     current: Option<OpenSegment>,
     /// Complete segments written since the last flush, to fdatasync and then seal.
@@ -248,11 +256,13 @@ impl Store {
                 }
             })
             .map_err(|e| DurableError::io("start sealer thread for", dir, e))?;
+        let flush_lsn = state.as_ref().map(|s| s.flush_lsn).unwrap_or_default();
         let mut store = Store {
             dir: dir.to_owned(),
             _lock: lock,
-            write_lsn: state.as_ref().map(|s| s.flush_lsn).unwrap_or_default(),
+            write_lsn: flush_lsn,
             state_file: None,
+            durable_flush: flush_lsn,
             state,
             current: None,
             completed: Vec::new(),
@@ -263,10 +273,10 @@ impl Store {
             seal_thread: Some(seal_thread),
             seal_error,
         };
-        store.recover()?;
         if store.state.is_some() {
             store.open_state_file()?;
         }
+        store.recover()?;
         Ok(store)
     }
 
@@ -297,6 +307,23 @@ impl Store {
             }
             return Ok(());
         };
+        let partial = segment_path(
+            &self.dir,
+            &state,
+            state.seg_size.segment_of(state.flush_lsn),
+            PARTIAL_SUFFIX,
+        );
+        if state.flush_lsn.segment_offset(state.seg_size) != 0 && !partial.exists() {
+            return Err(StoreError::Inconsistent {
+                dir: self.dir.clone(),
+                why: format!(
+                    "state says WAL is stored up to {}, but the segment holding it ({}) is missing",
+                    state.flush_lsn,
+                    partial.display()
+                ),
+            });
+        }
+        let state = self.recover_flushed_wal(state)?;
         let flush_seg = state.seg_size.segment_of(state.flush_lsn);
         let mut to_seal = Vec::new();
         for name in &names {
@@ -311,23 +338,48 @@ impl Store {
                 }
             }
         }
-        if state.flush_lsn.segment_offset(state.seg_size) != 0
-            && !segment_path(&self.dir, &state, flush_seg, PARTIAL_SUFFIX).exists()
-        {
-            return Err(StoreError::Inconsistent {
-                dir: self.dir.clone(),
-                why: format!(
-                    "state says WAL is stored up to {}, but the segment holding it ({}) is missing",
-                    state.flush_lsn,
-                    segment_path(&self.dir, &state, flush_seg, PARTIAL_SUFFIX).display()
-                ),
-            });
-        }
         to_seal.sort();
         for segno in to_seal {
             self.queue_seal(segno)?;
         }
         Ok(())
+    }
+
+    /// Takes up the WAL past `state.flush_lsn` that a crash left unrecorded: `state` may
+    /// lag behind fsynced (and acknowledged) WAL, but only inside one segment, the one that
+    /// holds its position. Every whole, valid record there counts; the new position is
+    /// recorded and fdatasynced before anything is acknowledged.
+    fn recover_flushed_wal(&mut self, mut state: StoreState) -> Result<StoreState, StoreError> {
+        let segno = state.seg_size.segment_of(state.flush_lsn);
+        let path = segment_path(&self.dir, &state, segno, PARTIAL_SUFFIX);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state),
+            Err(e) => return Err(DurableError::io("open", &path, e).into()),
+        };
+        let expect = walcheck::Expect {
+            start: state.seg_size.segment_start(segno),
+            seg_size: state.seg_size.bytes(),
+            system_id: state.system_id,
+            timeline: state.timeline,
+        };
+        let end =
+            walcheck::valid_end(&file, expect).map_err(|e| DurableError::io("read", &path, e))?;
+        if let Some(end) = end.filter(|&end| end > state.flush_lsn) {
+            tracing::info!(
+                recorded = %state.flush_lsn,
+                recovered = %end,
+                "took up whole, valid WAL records past the recorded flush position (left by a crash)"
+            );
+            // Written before any new WAL: the bytes are already on disk, or at the very
+            // least in the page cache; make them durable before recording them.
+            durable::fdatasync_file(&file, &path)?;
+            state.flush_lsn = end;
+            self.persist_state(&state, true)?;
+            self.state = Some(state.clone());
+            self.write_lsn = end;
+        }
+        Ok(state)
     }
 
     fn open_state_file(&mut self) -> Result<(), StoreError> {
@@ -340,8 +392,8 @@ impl Store {
         Ok(())
     }
 
-    /// Rewrites `state` in place and fdatasyncs it.
-    fn persist_state(&mut self, state: &StoreState) -> Result<(), StoreError> {
+    /// Rewrites `state` in place, and fdatasyncs it if `sync`.
+    fn persist_state(&mut self, state: &StoreState, sync: bool) -> Result<(), StoreError> {
         let path = self.dir.join(STATE_FILE);
         let f = self
             .state_file
@@ -349,7 +401,10 @@ impl Store {
             .expect("state file open once initialised");
         f.write_all_at(&state.encode(), 0)
             .map_err(|e| DurableError::io("write", &path, e))?;
-        durable::fdatasync_file(f, &path)?;
+        if sync {
+            durable::fdatasync_file(f, &path)?;
+            self.durable_flush = state.flush_lsn;
+        }
         Ok(())
     }
 
@@ -394,6 +449,7 @@ impl Store {
         durable::write_atomic(&self.dir.join(STATE_FILE), &state.encode())?;
         self.open_state_file()?;
         self.write_lsn = start_lsn;
+        self.durable_flush = start_lsn;
         self.state = Some(state);
         Ok(())
     }
@@ -504,7 +560,14 @@ impl Store {
         state.flush_lsn = self.write_lsn;
         state.raw_bytes += self.pending_raw;
         state.wire_bytes += self.pending_wire;
-        self.persist_state(&state)?;
+        // Synced when the position leaves the segment of the last synced one: recovery
+        // walks only that segment, and a segment is sealed only once `state` is past it.
+        // The walker knows PostgreSQL 15's page format only; with another (or unrecorded)
+        // version `state` is synced on every flush.
+        let sync = state.pg_version != walcheck::PG_MAJOR
+            || state.seg_size.segment_of(state.flush_lsn)
+                != state.seg_size.segment_of(self.durable_flush);
+        self.persist_state(&state, sync)?;
         self.state = Some(state);
         self.pending_raw = 0;
         self.pending_wire = 0;
@@ -631,13 +694,19 @@ impl Store {
         durable::fsync_dir(&self.dir)?;
         self.dir_dirty = false;
         state.timeline = next;
-        self.persist_state(&state)?;
+        self.persist_state(&state, true)?;
         self.state = Some(state);
         Ok(())
     }
 
-    /// Waits for queued segments to be sealed (used at shutdown and by tests).
+    /// Records the flush position durably and waits for queued segments to be sealed (used
+    /// at shutdown and by tests).
     pub fn close(mut self) -> Result<(), StoreError> {
+        if let Some(state) = self.state.clone() {
+            if state.flush_lsn != self.durable_flush {
+                self.persist_state(&state, true)?;
+            }
+        }
         self.seal_tx.take();
         if let Some(t) = self.seal_thread.take() {
             let _ = t.join();
@@ -779,6 +848,61 @@ mod tests {
         assert_eq!(st.state().unwrap().timeline, TimelineId(2));
         drop(st);
         assert!(name(1).exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn wal_past_a_lagging_state_is_taken_up_and_the_position_never_moves_back() {
+        use crate::walcheck::tests::WalBuilder;
+        let dir = tmpdir("lag");
+        let start = 1u64 << 20;
+        let mut wal = WalBuilder::new(start, 1 << 20, 42, 0);
+        for i in 0..30 {
+            assert!(wal.record(&vec![i as u8; 3000 + i * 50], false));
+        }
+        let mut st = Store::open(&dir).unwrap();
+        st.init(42, TimelineId(1), seg1m(), 15, Lsn(start)).unwrap();
+        // Acknowledged in three flushes, the last in the middle of record 29.
+        let cuts = [wal.ends[10], wal.ends[20] + 100, wal.ends[29] - 10];
+        let mut at = 0;
+        for cut in cuts {
+            st.write(Lsn(start + at), &wal.bytes[at as usize..cut as usize], 1)
+                .unwrap();
+            st.flush().unwrap();
+            at = cut;
+        }
+        let acked = st.flush_lsn();
+        assert_eq!(acked, Lsn(start + cuts[2]));
+        drop(st);
+        let recorded = read_state(&dir).unwrap().unwrap();
+        assert_eq!(recorded.flush_lsn, acked);
+        // The record is current: the walk does not move it back to record 28's end.
+        let st = Store::open(&dir).unwrap();
+        assert_eq!(st.flush_lsn(), acked);
+        drop(st);
+        // A crash lost the in-place rewrites of `state` since the segment began.
+        let lost = StoreState {
+            flush_lsn: Lsn(start),
+            ..recorded.clone()
+        };
+        fs::write(dir.join(STATE_FILE), lost.encode()).unwrap();
+        let st = Store::open(&dir).unwrap();
+        assert_eq!(st.flush_lsn(), wal.end_of(28).unwrap());
+        assert_eq!(st.write_lsn(), st.flush_lsn());
+        assert_eq!(read_state(&dir).unwrap().unwrap().flush_lsn, st.flush_lsn());
+        drop(st);
+        // A torn write inside record 25: only the records before it count.
+        let lost = StoreState {
+            flush_lsn: Lsn(start + wal.ends[3]),
+            ..recorded
+        };
+        fs::write(dir.join(STATE_FILE), lost.encode()).unwrap();
+        let partial = segment_path(&dir, &lost, SegmentNo(1), PARTIAL_SUFFIX);
+        let f = OpenOptions::new().write(true).open(&partial).unwrap();
+        f.write_all_at(&[0u8; 64], wal.ends[24] + 200).unwrap();
+        let st = Store::open(&dir).unwrap();
+        assert_eq!(st.flush_lsn(), wal.end_of(24).unwrap());
+        drop(st);
         fs::remove_dir_all(&dir).unwrap();
     }
 

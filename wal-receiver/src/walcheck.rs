@@ -1,0 +1,596 @@
+//! Where valid WAL ends in a segment, found the way PostgreSQL's recovery finds it.
+//!
+//! The store records its flush position in `state`, but fdatasyncs that file only when the
+//! position enters a new segment (see [`crate::store`]). After a crash the recorded position
+//! may lag behind WAL that was fsynced and acknowledged. [`valid_end`] walks the segment's
+//! records from its first page and returns the end of the last record that is whole and
+//! valid:
+//!
+//! - every page header has PostgreSQL 15's magic, the page's own address (`xlp_pageaddr`), a
+//!   plausible timeline, and the continuation flag and length a record spanning pages needs;
+//! - the first page's long header names the store's system identifier, segment size and a
+//!   sane page size;
+//! - every record has a sane length, points back at the record before it (`xl_prev`), and
+//!   matches its CRC-32C.
+//!
+//! The walker stops at the first thing that does not hold: zeros past the written end, a
+//! torn write, the old pages of a recycled segment file. Its answer is only ever used to move
+//! the position *forward* from what `state` recorded, so stopping early is always safe.
+//! It reads one page at a time, so memory does not grow with the segment size, and it never
+//! reads past the segment.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use walship_common::{Lsn, TimelineId};
+
+/// The PostgreSQL major version whose WAL format this module reads.
+pub const PG_MAJOR: u32 = 15;
+/// `XLOG_PAGE_MAGIC` of PostgreSQL 15.
+pub const XLOG_PAGE_MAGIC: u16 = 0xD110;
+const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
+const XLP_LONG_HEADER: u16 = 0x0002;
+const XLP_ALL_FLAGS: u16 = 0x000F;
+const SHORT_HEADER: u64 = 24;
+const LONG_HEADER: u64 = 40;
+const RECORD_HEADER: u64 = 24;
+/// Bytes of the record header the CRC covers (all but `xl_crc`).
+const RECORD_HEADER_CRC: usize = 20;
+const RM_XLOG_ID: u8 = 0;
+const XLOG_SWITCH: u8 = 0x40;
+
+/// Where the walker reads a segment's bytes from.
+pub trait SegmentSource {
+    /// Fills `buf` with the bytes at `offset`; `Ok(false)` if the source ends before.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<bool>;
+}
+
+impl SegmentSource for &[u8] {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.get(o..o.checked_add(buf.len())?));
+        match src {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+impl SegmentSource for &File {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        match self.read_exact_at(buf, offset) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What the segment must belong to.
+#[derive(Clone, Copy, Debug)]
+pub struct Expect {
+    /// LSN of the segment's first byte.
+    pub start: Lsn,
+    pub seg_size: u64,
+    pub system_id: u64,
+    /// The store's timeline: no page may carry a later one.
+    pub timeline: TimelineId,
+}
+
+/// The end of the last whole, valid record that starts in the segment (with its alignment
+/// padding, if that is zero, as PostgreSQL counts it), or `None` if there is none (or the
+/// first page is not this segment's). A record that continues into the
+/// next segment is not counted. An `XLOG_SWITCH` record ends the walk: the rest of the
+/// segment is padding.
+pub fn valid_end(src: impl SegmentSource, expect: Expect) -> io::Result<Option<Lsn>> {
+    let mut w = Walker::new(src, expect)?;
+    let Some(w) = w.as_mut() else {
+        return Ok(None);
+    };
+    w.walk()
+}
+
+struct Walker<S> {
+    src: S,
+    expect: Expect,
+    blcksz: u64,
+    page: Vec<u8>,
+    /// Offset of the page in `page`, once one is loaded.
+    loaded: Option<u64>,
+}
+
+/// What a page header says, once checked.
+struct PageHeader {
+    info: u16,
+    rem_len: u32,
+    len: u64,
+}
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[i], b[i + 1]])
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+}
+
+fn maxalign(x: u64) -> u64 {
+    (x + 7) & !7
+}
+
+impl<S: SegmentSource> Walker<S> {
+    /// Checks the long header of the first page; `None` if it is not this segment's.
+    fn new(mut src: S, expect: Expect) -> io::Result<Option<Walker<S>>> {
+        let mut long = [0u8; LONG_HEADER as usize];
+        if !src.read_at(0, &mut long)? {
+            return Ok(None);
+        }
+        let blcksz = u32_at(&long, 36) as u64;
+        if u64_at(&long, 24) != expect.system_id
+            || u32_at(&long, 32) as u64 != expect.seg_size
+            || !blcksz.is_power_of_two()
+            || !(1024..=65536).contains(&blcksz)
+            || !expect.seg_size.is_multiple_of(blcksz)
+        {
+            return Ok(None);
+        }
+        Ok(Some(Walker {
+            src,
+            expect,
+            blcksz,
+            // Bounded by the check above: at most 64 KiB.
+            page: vec![0; blcksz as usize],
+            loaded: None,
+        }))
+    }
+
+    /// `len` bytes at `off`, which must not cross a page boundary; `None` past the end.
+    fn bytes(&mut self, off: u64, len: u64) -> io::Result<Option<&[u8]>> {
+        let page_off = off - off % self.blcksz;
+        if off + len > page_off + self.blcksz || page_off >= self.expect.seg_size {
+            return Ok(None);
+        }
+        if self.loaded != Some(page_off) {
+            self.loaded = None;
+            if !self.src.read_at(page_off, &mut self.page)? {
+                return Ok(None);
+            }
+            self.loaded = Some(page_off);
+        }
+        let i = (off - page_off) as usize;
+        Ok(Some(&self.page[i..i + len as usize]))
+    }
+
+    /// The header of the page at `off` (a page boundary), if it is valid for this segment.
+    fn page_header(&mut self, off: u64) -> io::Result<Option<PageHeader>> {
+        let expect = self.expect;
+        let long = off == 0;
+        let len = if long { LONG_HEADER } else { SHORT_HEADER };
+        let Some(h) = self.bytes(off, len)? else {
+            return Ok(None);
+        };
+        let info = u16_at(h, 2);
+        let tli = u32_at(h, 4);
+        let valid = u16_at(h, 0) == XLOG_PAGE_MAGIC
+            && info & !XLP_ALL_FLAGS == 0
+            && (info & XLP_LONG_HEADER != 0) == long
+            && tli != 0
+            && tli <= expect.timeline.0
+            && u64_at(h, 8) == expect.start.0 + off;
+        Ok(valid.then(|| PageHeader {
+            info,
+            rem_len: u32_at(h, 16),
+            len,
+        }))
+    }
+
+    /// At a page boundary inside a record with `remaining` bytes to go: checks that the
+    /// page continues it, and returns the offset of its data.
+    fn continuation(&mut self, off: u64, remaining: u64) -> io::Result<Option<u64>> {
+        Ok(self.page_header(off)?.and_then(|h| {
+            (h.info & XLP_FIRST_IS_CONTRECORD != 0 && h.rem_len as u64 == remaining)
+                .then_some(off + h.len)
+        }))
+    }
+
+    fn walk(&mut self) -> io::Result<Option<Lsn>> {
+        let seg_size = self.expect.seg_size;
+        let Some(first) = self.page_header(0)? else {
+            return Ok(None);
+        };
+        let mut pos = first.len;
+        if first.info & XLP_FIRST_IS_CONTRECORD != 0 {
+            // The tail of a record that began in the previous segment: skip it.
+            let Some(tail_end) = self.span(pos, first.rem_len as u64, |_| {})? else {
+                return Ok(None);
+            };
+            pos = maxalign(tail_end);
+        }
+        let mut end = None;
+        let mut prev: Option<u64> = None;
+        while pos < seg_size {
+            if pos.is_multiple_of(self.blcksz) {
+                match self.page_header(pos)? {
+                    // A record begins here, so the page must not claim to continue one.
+                    Some(h) if h.info & XLP_FIRST_IS_CONTRECORD == 0 => pos += h.len,
+                    _ => break,
+                }
+            }
+            let Some((rec_end, rmid, info)) = self.record(pos, prev)? else {
+                break;
+            };
+            // PostgreSQL's positions count the zero padding up to the next record's aligned
+            // start; so does this, where the padding is there.
+            let aligned = maxalign(rec_end);
+            let padded = aligned > rec_end
+                && self
+                    .bytes(rec_end, aligned - rec_end)?
+                    .is_some_and(|pad| pad.iter().all(|&b| b == 0));
+            end = Some(Lsn(
+                self.expect.start.0 + if padded { aligned } else { rec_end }
+            ));
+            if rmid == RM_XLOG_ID && info & 0xF0 == XLOG_SWITCH {
+                break;
+            }
+            prev = Some(self.expect.start.0 + pos);
+            pos = maxalign(rec_end);
+        }
+        Ok(end)
+    }
+
+    fn page_end(&self, pos: u64) -> u64 {
+        pos - pos % self.blcksz + self.blcksz
+    }
+
+    /// Walks `len` bytes of one record from `pos`, across the headers of the pages that
+    /// continue it, handing each piece to `visit`. Returns where it ends, or `None` if a
+    /// page does not continue it or the segment ends first.
+    fn span(
+        &mut self,
+        mut pos: u64,
+        len: u64,
+        mut visit: impl FnMut(&[u8]),
+    ) -> io::Result<Option<u64>> {
+        let mut remaining = len;
+        loop {
+            let take = remaining.min(self.page_end(pos) - pos);
+            let Some(chunk) = self.bytes(pos, take)? else {
+                return Ok(None);
+            };
+            visit(chunk);
+            pos += take;
+            remaining -= take;
+            if remaining == 0 {
+                return Ok(Some(pos));
+            }
+            let Some(next) = self.continuation_in_segment(pos, remaining)? else {
+                return Ok(None);
+            };
+            pos = next;
+        }
+    }
+
+    fn continuation_in_segment(&mut self, pos: u64, remaining: u64) -> io::Result<Option<u64>> {
+        if pos >= self.expect.seg_size {
+            return Ok(None);
+        }
+        self.continuation(pos, remaining)
+    }
+
+    /// The record starting at `pos` (MAXALIGNed, past any page header): its end offset,
+    /// resource manager and info, if it is whole inside the segment and valid.
+    fn record(&mut self, pos: u64, prev: Option<u64>) -> io::Result<Option<(u64, u8, u8)>> {
+        // Records are 8-aligned and so are page headers: the length is on this page.
+        let Some(b) = self.bytes(pos, 4)? else {
+            return Ok(None);
+        };
+        let tot_len = u32_at(b, 0) as u64;
+        if tot_len < RECORD_HEADER || tot_len > self.expect.seg_size {
+            return Ok(None);
+        }
+        let mut header = [0u8; RECORD_HEADER as usize];
+        let mut have = 0usize;
+        let mut crc = 0u32;
+        // The header first (it may span pages too), then the body into the CRC.
+        let visit = |chunk: &[u8]| {
+            let h = (header.len().saturating_sub(have)).min(chunk.len());
+            if h > 0 {
+                header[have..have + h].copy_from_slice(&chunk[..h]);
+            }
+            crc = crc32c::crc32c_append(crc, &chunk[h..]);
+            have += chunk.len();
+        };
+        let Some(p) = self.span(pos, tot_len, visit)? else {
+            return Ok(None);
+        };
+        let crc = crc32c::crc32c_append(crc, &header[..RECORD_HEADER_CRC]);
+        let xl_prev = u64_at(&header, 8);
+        let start = self.expect.start.0 + pos;
+        let prev_ok = match prev {
+            Some(prev) => xl_prev == prev,
+            None => xl_prev < start,
+        };
+        if crc != u32_at(&header, 20) || !prev_ok {
+            return Ok(None);
+        }
+        Ok(Some((p, header[17], header[16])))
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    pub const BLCKSZ: u64 = 8192;
+
+    /// Lays out WAL the way PostgreSQL writes it, for tests: returns the segment's bytes
+    /// (zero after the last record) and the end offset of each record.
+    pub struct WalBuilder {
+        pub start: u64,
+        pub seg_size: u64,
+        pub system_id: u64,
+        pub tli: u32,
+        pub bytes: Vec<u8>,
+        pub pos: u64,
+        prev: u64,
+        pub ends: Vec<u64>,
+    }
+
+    impl WalBuilder {
+        /// A segment at `start` whose first `cont` bytes finish a record of the previous one.
+        pub fn new(start: u64, seg_size: u64, system_id: u64, cont: u32) -> WalBuilder {
+            let mut b = WalBuilder {
+                start,
+                seg_size,
+                system_id,
+                tli: 1,
+                bytes: vec![0; seg_size as usize],
+                pos: 0,
+                prev: start.saturating_sub(64),
+                ends: Vec::new(),
+            };
+            b.page_header(0, cont);
+            b.pos = LONG_HEADER;
+            let mut left = cont as u64;
+            while left > 0 {
+                let take = left.min(b.page_end() - b.pos);
+                b.pos += take;
+                left -= take;
+                if left > 0 {
+                    b.page_header(b.pos, left as u32);
+                    b.pos += SHORT_HEADER;
+                }
+            }
+            b.pos = maxalign(b.pos);
+            b
+        }
+
+        fn page_end(&self) -> u64 {
+            self.pos - self.pos % BLCKSZ + BLCKSZ
+        }
+
+        fn page_header(&mut self, off: u64, rem_len: u32) {
+            let mut info: u16 = if rem_len > 0 {
+                XLP_FIRST_IS_CONTRECORD
+            } else {
+                0
+            };
+            if off == 0 {
+                info |= XLP_LONG_HEADER;
+            }
+            let h = &mut self.bytes[off as usize..];
+            h[0..2].copy_from_slice(&XLOG_PAGE_MAGIC.to_le_bytes());
+            h[2..4].copy_from_slice(&info.to_le_bytes());
+            h[4..8].copy_from_slice(&self.tli.to_le_bytes());
+            h[8..16].copy_from_slice(&(self.start + off).to_le_bytes());
+            h[16..20].copy_from_slice(&rem_len.to_le_bytes());
+            if off == 0 {
+                h[24..32].copy_from_slice(&self.system_id.to_le_bytes());
+                h[32..36].copy_from_slice(&(self.seg_size as u32).to_le_bytes());
+                h[36..40].copy_from_slice(&(BLCKSZ as u32).to_le_bytes());
+            }
+        }
+
+        /// Appends a record with `body` (rmid 1 unless `switch`); false if it does not fit.
+        pub fn record(&mut self, body: &[u8], switch: bool) -> bool {
+            let tot = RECORD_HEADER + body.len() as u64;
+            let mut rec = vec![0u8; tot as usize];
+            rec[0..4].copy_from_slice(&(tot as u32).to_le_bytes());
+            rec[4..8].copy_from_slice(&7u32.to_le_bytes());
+            rec[8..16].copy_from_slice(&self.prev.to_le_bytes());
+            rec[16] = if switch { XLOG_SWITCH } else { 0x10 };
+            rec[17] = if switch { RM_XLOG_ID } else { 1 };
+            rec[24..].copy_from_slice(body);
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&rec[24..]), &rec[..20]);
+            rec[20..24].copy_from_slice(&crc.to_le_bytes());
+            let start = self.pos;
+            let mut at = 0usize;
+            let mut p = self.pos;
+            while at < rec.len() {
+                if p.is_multiple_of(BLCKSZ) {
+                    if p >= self.seg_size {
+                        return false;
+                    }
+                    self.page_header(p, (rec.len() - at) as u32);
+                    p += SHORT_HEADER;
+                }
+                let take = (rec.len() - at).min((p - p % BLCKSZ + BLCKSZ - p) as usize);
+                self.bytes[p as usize..p as usize + take].copy_from_slice(&rec[at..at + take]);
+                at += take;
+                p += take as u64;
+            }
+            self.prev = self.start + start;
+            self.ends.push(p);
+            self.pos = maxalign(p);
+            if self.pos.is_multiple_of(BLCKSZ) && self.pos < self.seg_size {
+                self.page_header(self.pos, 0);
+                self.pos += SHORT_HEADER;
+            }
+            true
+        }
+
+        pub fn expect(&self) -> Expect {
+            Expect {
+                start: Lsn(self.start),
+                seg_size: self.seg_size,
+                system_id: self.system_id,
+                timeline: TimelineId(self.tli),
+            }
+        }
+
+        /// Where record `i` ends, with its (zero) alignment padding.
+        pub fn end_of(&self, i: usize) -> Option<Lsn> {
+            Some(Lsn(self.start + maxalign(self.ends[i])))
+        }
+    }
+
+    const SEG: u64 = 1 << 20;
+    const START: u64 = 5 << 20;
+
+    /// Bodies of varied sizes: small, spanning one page boundary, spanning several.
+    fn body(i: usize) -> Vec<u8> {
+        let len = [40usize, 3, 9000, 117, 20000, 0, 8150, 64][i % 8];
+        (0..len).map(|j| (i * 31 + j) as u8).collect()
+    }
+
+    fn built(cont: u32, n: usize) -> WalBuilder {
+        let mut b = WalBuilder::new(START, SEG, 42, cont);
+        for i in 0..n {
+            assert!(b.record(&body(i), false));
+        }
+        b
+    }
+
+    fn end(bytes: &[u8], e: Expect) -> Option<Lsn> {
+        valid_end(bytes, e).unwrap()
+    }
+
+    #[test]
+    fn finds_the_end_of_the_last_record() {
+        for cont in [0, 100, 8000, 20000] {
+            let b = built(cont, 40);
+            assert_eq!(end(&b.bytes, b.expect()), b.end_of(39), "cont {cont}");
+        }
+    }
+
+    #[test]
+    fn a_record_header_split_across_pages_is_read() {
+        let mut b = WalBuilder::new(START, SEG, 42, 0);
+        // Fill the first page up to 8 bytes before its end, then a record whose header
+        // spans the boundary.
+        let first = (BLCKSZ - 8 - LONG_HEADER - RECORD_HEADER) as usize;
+        assert!(b.record(&vec![1u8; first], false));
+        assert_eq!(b.pos, BLCKSZ - 8);
+        assert!(b.record(b"spans", false));
+        assert!(b.record(b"after", false));
+        assert_eq!(end(&b.bytes, b.expect()), b.end_of(2));
+    }
+
+    #[test]
+    fn stops_at_damage_zeros_and_foreign_pages() {
+        let b = built(0, 40);
+        // A flipped byte in record 10's body: the end is record 9's.
+        let rec10 = maxalign(b.ends[9]) as usize;
+        let mut bad = b.bytes.clone();
+        bad[rec10 + 30] ^= 0x40;
+        assert_eq!(end(&bad, b.expect()), b.end_of(9));
+        // Zeros from the middle of record 20: a torn tail.
+        let mut torn = b.bytes.clone();
+        let mid = (b.ends[19] + b.ends[20]) as usize / 2;
+        torn[mid..].fill(0);
+        assert_eq!(end(&torn, b.expect()), b.end_of(19));
+        // A page of another segment (a recycled file's old bytes) where record 30 spans.
+        let page = (b.ends[30] - b.ends[30] % BLCKSZ) as usize;
+        assert!(page as u64 > maxalign(b.ends[29]), "record 30 spans a page");
+        let mut foreign = b.bytes.clone();
+        let addr = u64_at(&foreign, page + 8) - SEG;
+        foreign[page + 8..page + 16].copy_from_slice(&addr.to_le_bytes());
+        assert_eq!(end(&foreign, b.expect()), b.end_of(29));
+        // Padding that is not zero is not counted.
+        let b3 = built(0, 34);
+        assert_ne!(b3.ends[33] % 8, 0, "record 33 needs padding");
+        let mut dirty = b3.bytes.clone();
+        dirty[b3.ends[33] as usize] = 0xFF;
+        assert_eq!(end(&dirty, b3.expect()), Some(Lsn(START + b3.ends[33])));
+        // A wrong xl_prev (the record is otherwise valid: its CRC covers the header).
+        let mut b2 = built(0, 5);
+        b2.prev += 8;
+        assert!(b2.record(b"bad link", false));
+        assert_eq!(end(&b2.bytes, b2.expect()), b2.end_of(4));
+    }
+
+    #[test]
+    fn the_first_page_must_be_this_segments() {
+        let b = built(0, 3);
+        let other = Expect {
+            start: Lsn(START + SEG),
+            ..b.expect()
+        };
+        assert_eq!(end(&b.bytes, other), None);
+        let other = Expect {
+            system_id: 43,
+            ..b.expect()
+        };
+        assert_eq!(end(&b.bytes, other), None);
+        let other = Expect {
+            timeline: TimelineId(0),
+            ..b.expect()
+        };
+        assert_eq!(end(&b.bytes, other), None);
+        assert_eq!(end(&[0u8; 30], b.expect()), None);
+        let garbage: Vec<u8> = (0..SEG).map(|i| (i % 251) as u8).collect();
+        assert_eq!(end(&garbage, b.expect()), None);
+    }
+
+    #[test]
+    fn a_record_running_into_the_next_segment_is_not_counted() {
+        let mut b = WalBuilder::new(START, SEG, 42, 0);
+        let mut i = 0;
+        while b.record(&body(i), false) {
+            i += 1;
+        }
+        let whole = b.ends.len() - 1;
+        assert_eq!(end(&b.bytes, b.expect()), b.end_of(whole));
+    }
+
+    #[test]
+    fn a_switch_record_ends_the_walk() {
+        let mut b = built(0, 3);
+        assert!(b.record(b"", true));
+        // Whatever follows a switch is padding, even if it looks like records.
+        assert!(b.record(b"after the switch", false));
+        assert_eq!(end(&b.bytes, b.expect()), b.end_of(3));
+    }
+
+    #[test]
+    fn arbitrary_damage_never_panics_and_never_extends() {
+        let b = built(300, 40);
+        let full = end(&b.bytes, b.expect()).unwrap();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..300 {
+            let mut bad = b.bytes.clone();
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x % (b.ends[39] + 64)) as usize;
+                bad[i] = (x >> 32) as u8;
+            }
+            if let Some(e) = end(&bad, b.expect()) {
+                assert!(e <= full);
+            }
+            // Truncated sources too.
+            let cut = (x % SEG) as usize;
+            let _ = end(&bad[..cut], b.expect());
+        }
+    }
+}
