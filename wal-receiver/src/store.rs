@@ -148,9 +148,60 @@ impl StoreState {
     }
 }
 
-/// Reads `state` without taking the lock (for readers such as restore-wal and status).
-/// `Ok(None)` means the store has never been initialised.
+/// Reads `state` as a reader should see it, without taking the lock (for readers such as
+/// restore-wal, restore and status). `Ok(None)` means the store has never been initialised.
+///
+/// When no writer holds the store, the flush position includes the whole, valid records
+/// past the recorded one, which the writer's next start-up takes up: after a power loss,
+/// `state` on disk may lag behind fsynced, acknowledged WAL (see the module comment), and a
+/// restore run before `follow` starts again must still find that WAL.
 pub fn read_state(dir: &Path) -> Result<Option<StoreState>, StoreError> {
+    let Some(mut state) = read_recorded_state(dir)? else {
+        return Ok(None);
+    };
+    if state.pg_version == walcheck::PG_MAJOR && no_writer(dir) {
+        if let Some(end) = wal_end_past(dir, &state)? {
+            // A writer that started meanwhile may have written WAL it has not synced yet.
+            if !no_writer(dir) {
+                return read_recorded_state(dir);
+            }
+            state.flush_lsn = end;
+        }
+    }
+    Ok(Some(state))
+}
+
+/// Whether no writer holds the store's lock, known for sure (the lock could be tried).
+fn no_writer(dir: &Path) -> bool {
+    match File::open(dir.join(LOCK_FILE)) {
+        Ok(f) => Flock::lock(f, FlockArg::LockSharedNonblock).is_ok(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+/// The end of the whole, valid WAL records past `state.flush_lsn` in the segment that
+/// holds it, if there are any.
+fn wal_end_past(dir: &Path, state: &StoreState) -> Result<Option<Lsn>, StoreError> {
+    let segno = state.seg_size.segment_of(state.flush_lsn);
+    let path = segment_path(dir, state, segno, PARTIAL_SUFFIX);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(DurableError::io("open", &path, e).into()),
+    };
+    let expect = walcheck::Expect {
+        start: state.seg_size.segment_start(segno),
+        seg_size: state.seg_size.bytes(),
+        system_id: state.system_id,
+        timeline: state.timeline,
+    };
+    let end = walcheck::valid_end(&file, expect).map_err(|e| DurableError::io("read", &path, e))?;
+    Ok(end.filter(|&end| end > state.flush_lsn))
+}
+
+/// Reads `state` as recorded, without taking the lock. `Ok(None)` means the store has
+/// never been initialised.
+pub fn read_recorded_state(dir: &Path) -> Result<Option<StoreState>, StoreError> {
     let path = dir.join(STATE_FILE);
     let bytes = match fs::read(&path) {
         Ok(b) => b,
@@ -231,7 +282,7 @@ impl Store {
                 dir: dir.to_owned(),
             }
         })?;
-        let state = read_state(dir)?;
+        let state = read_recorded_state(dir)?;
         let seal_error = Arc::new(Mutex::new(None));
         let (seal_tx, seal_rx) = mpsc::channel::<SealJob>();
         let seal_dir = dir.to_owned();
@@ -273,8 +324,11 @@ impl Store {
             seal_thread: Some(seal_thread),
             seal_error,
         };
-        if store.state.is_some() {
+        if let Some(state) = store.state.clone() {
             store.open_state_file()?;
+            // What was read may be a rewrite a crash kept from the disk: make it durable
+            // before anything (sealing, say) relies on it.
+            store.persist_state(&state, true)?;
         }
         store.recover()?;
         Ok(store)
@@ -350,35 +404,28 @@ impl Store {
     /// holds its position. Every whole, valid record there counts; the new position is
     /// recorded and fdatasynced before anything is acknowledged.
     fn recover_flushed_wal(&mut self, mut state: StoreState) -> Result<StoreState, StoreError> {
-        let segno = state.seg_size.segment_of(state.flush_lsn);
-        let path = segment_path(&self.dir, &state, segno, PARTIAL_SUFFIX);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(state),
-            Err(e) => return Err(DurableError::io("open", &path, e).into()),
+        let Some(end) = wal_end_past(&self.dir, &state)? else {
+            return Ok(state);
         };
-        let expect = walcheck::Expect {
-            start: state.seg_size.segment_start(segno),
-            seg_size: state.seg_size.bytes(),
-            system_id: state.system_id,
-            timeline: state.timeline,
-        };
-        let end =
-            walcheck::valid_end(&file, expect).map_err(|e| DurableError::io("read", &path, e))?;
-        if let Some(end) = end.filter(|&end| end > state.flush_lsn) {
-            tracing::info!(
-                recorded = %state.flush_lsn,
-                recovered = %end,
-                "took up whole, valid WAL records past the recorded flush position (left by a crash)"
-            );
-            // Written before any new WAL: the bytes are already on disk, or at the very
-            // least in the page cache; make them durable before recording them.
-            durable::fdatasync_file(&file, &path)?;
-            state.flush_lsn = end;
-            self.persist_state(&state, true)?;
-            self.state = Some(state.clone());
-            self.write_lsn = end;
-        }
+        tracing::info!(
+            recorded = %state.flush_lsn,
+            recovered = %end,
+            "took up whole, valid WAL records past the recorded flush position (left by a crash)"
+        );
+        // The bytes may still be only in the page cache (after SIGKILL): make them durable
+        // before recording them.
+        let path = segment_path(
+            &self.dir,
+            &state,
+            state.seg_size.segment_of(state.flush_lsn),
+            PARTIAL_SUFFIX,
+        );
+        let file = File::open(&path).map_err(|e| DurableError::io("open", &path, e))?;
+        durable::fdatasync_file(&file, &path)?;
+        state.flush_lsn = end;
+        self.persist_state(&state, true)?;
+        self.state = Some(state.clone());
+        self.write_lsn = end;
         Ok(state)
     }
 
@@ -772,9 +819,12 @@ mod tests {
         st.write(Lsn(1 << 20), &data[..1000], 100).unwrap();
         assert_eq!(st.flush_lsn(), Lsn(1 << 20));
         assert_eq!(st.flush().unwrap(), Lsn((1 << 20) + 1000));
+        // Inside the segment `state` is rewritten, not synced; entering the next syncs it.
+        assert_eq!(st.durable_flush, Lsn(1 << 20));
         st.write(Lsn((1 << 20) + 1000), &data[1000..], 100).unwrap();
         let flush = st.flush().unwrap();
         assert_eq!(flush, Lsn((1 << 20) + data.len() as u64));
+        assert_eq!(st.durable_flush, flush);
         assert!(st.write(Lsn(5), b"x", 1).is_err(), "gap accepted");
         st.close().unwrap();
         let state = read_state(&dir).unwrap().unwrap();
@@ -886,6 +936,12 @@ mod tests {
             ..recorded.clone()
         };
         fs::write(dir.join(STATE_FILE), lost.encode()).unwrap();
+        // Readers see the WAL before a writer starts again; the record stays as it is.
+        assert_eq!(
+            read_state(&dir).unwrap().unwrap().flush_lsn,
+            wal.end_of(28).unwrap()
+        );
+        assert_eq!(read_recorded_state(&dir).unwrap().unwrap(), lost);
         let st = Store::open(&dir).unwrap();
         assert_eq!(st.flush_lsn(), wal.end_of(28).unwrap());
         assert_eq!(st.write_lsn(), st.flush_lsn());

@@ -31,6 +31,7 @@ pub const PG_MAJOR: u32 = 15;
 pub const XLOG_PAGE_MAGIC: u16 = 0xD110;
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 const XLP_LONG_HEADER: u16 = 0x0002;
+const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0008;
 const XLP_ALL_FLAGS: u16 = 0x000F;
 const SHORT_HEADER: u64 = 24;
 const LONG_HEADER: u64 = 40;
@@ -102,6 +103,23 @@ struct Walker<S> {
     page: Vec<u8>,
     /// Offset of the page in `page`, once one is loaded.
     loaded: Option<u64>,
+}
+
+/// How a walk over one record's bytes ended.
+enum Span {
+    /// At this offset, whole.
+    End(u64),
+    /// At a page that abandons the record (`XLP_FIRST_IS_OVERWRITE_CONTRECORD`); WAL goes
+    /// on at this offset.
+    Abandoned(u64),
+    /// At something that does not continue it, or at the end of the segment.
+    Broken,
+}
+
+enum Record {
+    Valid { end: u64, rmid: u8, info: u8 },
+    Abandoned(u64),
+    Invalid,
 }
 
 /// What a page header says, once checked.
@@ -193,15 +211,6 @@ impl<S: SegmentSource> Walker<S> {
         }))
     }
 
-    /// At a page boundary inside a record with `remaining` bytes to go: checks that the
-    /// page continues it, and returns the offset of its data.
-    fn continuation(&mut self, off: u64, remaining: u64) -> io::Result<Option<u64>> {
-        Ok(self.page_header(off)?.and_then(|h| {
-            (h.info & XLP_FIRST_IS_CONTRECORD != 0 && h.rem_len as u64 == remaining)
-                .then_some(off + h.len)
-        }))
-    }
-
     fn walk(&mut self) -> io::Result<Option<Lsn>> {
         let seg_size = self.expect.seg_size;
         let Some(first) = self.page_header(0)? else {
@@ -210,10 +219,11 @@ impl<S: SegmentSource> Walker<S> {
         let mut pos = first.len;
         if first.info & XLP_FIRST_IS_CONTRECORD != 0 {
             // The tail of a record that began in the previous segment: skip it.
-            let Some(tail_end) = self.span(pos, first.rem_len as u64, |_| {})? else {
-                return Ok(None);
+            pos = match self.span(pos, first.rem_len as u64, |_| {})? {
+                Span::End(tail_end) => maxalign(tail_end),
+                Span::Abandoned(next) => next,
+                Span::Broken => return Ok(None),
             };
-            pos = maxalign(tail_end);
         }
         let mut end = None;
         let mut prev: Option<u64> = None;
@@ -225,8 +235,16 @@ impl<S: SegmentSource> Walker<S> {
                     _ => break,
                 }
             }
-            let Some((rec_end, rmid, info)) = self.record(pos, prev)? else {
-                break;
+            let (rec_end, rmid, info) = match self.record(pos, prev)? {
+                Record::Valid { end, rmid, info } => (end, rmid, info),
+                Record::Invalid => break,
+                // The primary crashed in the middle of this record, and on restart wrote
+                // over the rest: WAL goes on at the page that says so.
+                Record::Abandoned(next) => {
+                    pos = next;
+                    prev = None;
+                    continue;
+                }
             };
             // PostgreSQL's positions count the zero padding up to the next record's aligned
             // start; so does this, where the padding is there.
@@ -252,50 +270,49 @@ impl<S: SegmentSource> Walker<S> {
     }
 
     /// Walks `len` bytes of one record from `pos`, across the headers of the pages that
-    /// continue it, handing each piece to `visit`. Returns where it ends, or `None` if a
-    /// page does not continue it or the segment ends first.
-    fn span(
-        &mut self,
-        mut pos: u64,
-        len: u64,
-        mut visit: impl FnMut(&[u8]),
-    ) -> io::Result<Option<u64>> {
+    /// continue it, handing each piece to `visit`.
+    fn span(&mut self, mut pos: u64, len: u64, mut visit: impl FnMut(&[u8])) -> io::Result<Span> {
         let mut remaining = len;
         loop {
             let take = remaining.min(self.page_end(pos) - pos);
             let Some(chunk) = self.bytes(pos, take)? else {
-                return Ok(None);
+                return Ok(Span::Broken);
             };
             visit(chunk);
             pos += take;
             remaining -= take;
             if remaining == 0 {
-                return Ok(Some(pos));
+                return Ok(Span::End(pos));
             }
-            let Some(next) = self.continuation_in_segment(pos, remaining)? else {
-                return Ok(None);
-            };
-            pos = next;
+            if pos >= self.expect.seg_size {
+                return Ok(Span::Broken);
+            }
+            let flags = XLP_FIRST_IS_CONTRECORD | XLP_FIRST_IS_OVERWRITE_CONTRECORD;
+            match self.page_header(pos)? {
+                Some(h)
+                    if h.info & flags == XLP_FIRST_IS_CONTRECORD
+                        && h.rem_len as u64 == remaining =>
+                {
+                    pos += h.len
+                }
+                Some(h) if h.info & flags == XLP_FIRST_IS_OVERWRITE_CONTRECORD => {
+                    return Ok(Span::Abandoned(pos + h.len))
+                }
+                _ => return Ok(Span::Broken),
+            }
         }
-    }
-
-    fn continuation_in_segment(&mut self, pos: u64, remaining: u64) -> io::Result<Option<u64>> {
-        if pos >= self.expect.seg_size {
-            return Ok(None);
-        }
-        self.continuation(pos, remaining)
     }
 
     /// The record starting at `pos` (MAXALIGNed, past any page header): its end offset,
     /// resource manager and info, if it is whole inside the segment and valid.
-    fn record(&mut self, pos: u64, prev: Option<u64>) -> io::Result<Option<(u64, u8, u8)>> {
+    fn record(&mut self, pos: u64, prev: Option<u64>) -> io::Result<Record> {
         // Records are 8-aligned and so are page headers: the length is on this page.
         let Some(b) = self.bytes(pos, 4)? else {
-            return Ok(None);
+            return Ok(Record::Invalid);
         };
         let tot_len = u32_at(b, 0) as u64;
         if tot_len < RECORD_HEADER || tot_len > self.expect.seg_size {
-            return Ok(None);
+            return Ok(Record::Invalid);
         }
         let mut header = [0u8; RECORD_HEADER as usize];
         let mut have = 0usize;
@@ -309,8 +326,10 @@ impl<S: SegmentSource> Walker<S> {
             crc = crc32c::crc32c_append(crc, &chunk[h..]);
             have += chunk.len();
         };
-        let Some(p) = self.span(pos, tot_len, visit)? else {
-            return Ok(None);
+        let p = match self.span(pos, tot_len, visit)? {
+            Span::End(p) => p,
+            Span::Abandoned(next) => return Ok(Record::Abandoned(next)),
+            Span::Broken => return Ok(Record::Invalid),
         };
         let crc = crc32c::crc32c_append(crc, &header[..RECORD_HEADER_CRC]);
         let xl_prev = u64_at(&header, 8);
@@ -320,9 +339,13 @@ impl<S: SegmentSource> Walker<S> {
             None => xl_prev < start,
         };
         if crc != u32_at(&header, 20) || !prev_ok {
-            return Ok(None);
+            return Ok(Record::Invalid);
         }
-        Ok(Some((p, header[17], header[16])))
+        Ok(Record::Valid {
+            end: p,
+            rmid: header[17],
+            info: header[16],
+        })
     }
 }
 
@@ -342,6 +365,7 @@ pub mod tests {
         pub bytes: Vec<u8>,
         pub pos: u64,
         prev: u64,
+        pub starts: Vec<u64>,
         pub ends: Vec<u64>,
     }
 
@@ -356,6 +380,7 @@ pub mod tests {
                 bytes: vec![0; seg_size as usize],
                 pos: 0,
                 prev: start.saturating_sub(64),
+                starts: Vec::new(),
                 ends: Vec::new(),
             };
             b.page_header(0, cont);
@@ -429,6 +454,7 @@ pub mod tests {
                 p += take as u64;
             }
             self.prev = self.start + start;
+            self.starts.push(start);
             self.ends.push(p);
             self.pos = maxalign(p);
             if self.pos.is_multiple_of(BLCKSZ) && self.pos < self.seg_size {
@@ -436,6 +462,23 @@ pub mod tests {
                 self.pos += SHORT_HEADER;
             }
             true
+        }
+
+        /// Turns the last record, which must span a page boundary, into one the primary
+        /// abandoned by crashing: the page where it continues is written over, flagged
+        /// `XLP_FIRST_IS_OVERWRITE_CONTRECORD`, as PostgreSQL 15 does on restart. Returns
+        /// that page's offset.
+        pub fn abandon_last(&mut self) -> u64 {
+            let start = self.starts.pop().expect("a record");
+            self.ends.pop();
+            let page = start - start % BLCKSZ + BLCKSZ;
+            assert!(page < self.pos, "the record spans a page");
+            self.bytes[page as usize..].fill(0);
+            self.page_header(page, 0);
+            self.bytes[page as usize + 2..page as usize + 4]
+                .copy_from_slice(&XLP_FIRST_IS_OVERWRITE_CONTRECORD.to_le_bytes());
+            self.pos = page + SHORT_HEADER;
+            page
         }
 
         pub fn expect(&self) -> Expect {
@@ -560,6 +603,25 @@ pub mod tests {
         }
         let whole = b.ends.len() - 1;
         assert_eq!(end(&b.bytes, b.expect()), b.end_of(whole));
+    }
+
+    #[test]
+    fn a_record_abandoned_by_a_primary_crash_is_skipped() {
+        let mut b = built(0, 3);
+        assert!(b.record(&[9u8; 9000], false));
+        let page = b.abandon_last() as usize;
+        assert!(b.record(b"overwrite contrecord", false));
+        assert!(b.record(b"more", false));
+        assert_eq!(b.ends.len(), 5);
+        assert_eq!(end(&b.bytes, b.expect()), b.end_of(4));
+        // Without the flag, the page neither continues the record nor abandons it.
+        let mut plain = b.bytes.clone();
+        plain[page + 2..page + 4].fill(0);
+        assert_eq!(end(&plain, b.expect()), b.end_of(2));
+        // Both flags at once is not a page PostgreSQL writes.
+        let both = XLP_FIRST_IS_OVERWRITE_CONTRECORD | XLP_FIRST_IS_CONTRECORD;
+        plain[page + 2..page + 4].copy_from_slice(&both.to_le_bytes());
+        assert_eq!(end(&plain, b.expect()), b.end_of(2));
     }
 
     #[test]
