@@ -32,8 +32,10 @@ pub fn is_root() -> bool {
 }
 
 /// Where the walship binaries are: `WALSHIP_BIN_DIR`, or the target directory of this test.
-/// When the tests run as root the binaries are copied once into a directory the `postgres`
-/// user can reach, since the checkout may not be readable by it.
+/// When the tests run as root the binaries are copied into a directory the `postgres` user
+/// can reach, since the checkout may not be readable by it. That directory is named after
+/// the target directory, so every test process of a checkout shares one copy (refreshed
+/// when a build is newer) instead of leaving one behind per process.
 pub fn bin(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(|| {
@@ -50,10 +52,24 @@ pub fn bin(name: &str) -> PathBuf {
         if !is_root() {
             return built;
         }
-        let copy = std::env::temp_dir().join(format!("walship-bin-{}", std::process::id()));
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            built.hash(&mut h);
+            h.finish()
+        };
+        let copy = std::env::temp_dir().join(format!("walship-bin-{key:016x}"));
         fs::create_dir_all(&copy).expect("create binary dir");
         for b in ["wal-sender", "wal-receiver"] {
-            let tmp = copy.join(format!("{b}.tmp"));
+            let src = fs::metadata(built.join(b)).expect("built binary");
+            let current = fs::metadata(copy.join(b)).is_ok_and(|dst| {
+                dst.len() == src.len() && dst.modified().ok() >= src.modified().ok()
+            });
+            if current {
+                continue;
+            }
+            // Renamed into place: a process running the old copy keeps its file.
+            let tmp = copy.join(format!("{b}.tmp.{}", std::process::id()));
             fs::copy(built.join(b), &tmp).expect("copy binary");
             fs::rename(&tmp, copy.join(b)).expect("rename binary");
         }
