@@ -58,12 +58,27 @@ pub fn bin(name: &str) -> PathBuf {
             built.hash(&mut h);
             h.finish()
         };
-        let copy = std::env::temp_dir().join(format!("walship-bin-{key:016x}"));
-        fs::create_dir_all(&copy).expect("create binary dir");
+        let shared = std::env::temp_dir().join(format!("walship-bin-{key:016x}"));
+        let _ = fs::create_dir(&shared);
+        // Shared only if it is a directory this user owns (then made writable by it alone);
+        // otherwise a directory of this process's own.
+        let trusted = fs::symlink_metadata(&shared).is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw()
+        }) && fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).is_ok();
+        let copy = if trusted {
+            shared
+        } else {
+            let own =
+                std::env::temp_dir().join(format!("walship-bin-{key:016x}-{}", std::process::id()));
+            fs::create_dir_all(&own).expect("create binary dir");
+            own
+        };
         for b in ["wal-sender", "wal-receiver"] {
             let src = fs::metadata(built.join(b)).expect("built binary");
+            // The copy carries the build's modification time: equal size and time, same file.
             let current = fs::metadata(copy.join(b)).is_ok_and(|dst| {
-                dst.len() == src.len() && dst.modified().ok() >= src.modified().ok()
+                dst.len() == src.len() && dst.modified().ok() == src.modified().ok()
             });
             if current {
                 continue;
@@ -71,6 +86,11 @@ pub fn bin(name: &str) -> PathBuf {
             // Renamed into place: a process running the old copy keeps its file.
             let tmp = copy.join(format!("{b}.tmp.{}", std::process::id()));
             fs::copy(built.join(b), &tmp).expect("copy binary");
+            fs::File::options()
+                .write(true)
+                .open(&tmp)
+                .and_then(|f| f.set_modified(src.modified()?))
+                .expect("set the copy's modification time");
             fs::rename(&tmp, copy.join(b)).expect("rename binary");
         }
         fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod");

@@ -171,9 +171,9 @@ fn continuity_across_receiver_kills_sender_and_primary_restarts_and_cuts() -> Re
 /// Power loss can leave `state` behind the WAL it records: the receiver fdatasyncs it only
 /// when the flush position enters a new segment. Emulated here by rolling `state` back to
 /// the start of its segment after SIGKILL, once the receiver holds everything the primary
-/// flushed (which then ends with a whole record). Readers must see the WAL past the
-/// recorded position before the receiver runs again, and the receiver must resume exactly
-/// where it was, without a gap.
+/// flushed (which then ends with a whole record), and by giving `LOCK` the boot id of an
+/// earlier boot. Readers must see the WAL past the recorded position before the receiver
+/// runs again, and the receiver must resume exactly where it was, without a gap.
 #[test]
 fn a_state_file_left_behind_by_a_crash_is_caught_up_from_the_wal_records() -> Result<()> {
     let dir = TestDir::new("lagstate");
@@ -204,6 +204,7 @@ fn a_state_file_left_behind_by_a_crash_is_caught_up_from_the_wal_records() -> Re
     let crc = crc32c::crc32c(&state[0..56]);
     state[56..60].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&path, &state)?;
+    std::fs::write(r.wal_dir.join("LOCK"), "the boot before a power loss")?;
     assert_eq!(
         r.flush_lsn()?,
         persisted,

@@ -33,7 +33,7 @@ use walship_common::timeline::{read_history_file, History};
 use walship_common::{Lsn, SegmentNo, WalFileName};
 
 use crate::bootstrap::{self, BootstrapConfig};
-use crate::store::{read_state, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
+use crate::store::{read_recorded_state, read_state, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
 use crate::{exit, sealed, Fatal};
 
 pub const WAL_DIR: &str = "wal";
@@ -543,7 +543,8 @@ pub fn prune(repo: &Path, keep: usize) -> Result<()> {
         return Ok(());
     };
     let wal_dir = repo.join(WAL_DIR);
-    let Some(state) = read_state(&wal_dir).map_err(crate::follow::store_fatal)? else {
+    // Only the segment size and timeline are needed: the recorded state will do.
+    let Some(state) = read_recorded_state(&wal_dir).map_err(crate::follow::store_fatal)? else {
         return Ok(());
     };
     let first_needed = state.seg_size.segment_of(oldest.start()?);
@@ -770,6 +771,9 @@ fn unpack(repo: &Path, b: &BackupRecord, pgdata: &Path) -> Result<()> {
     let src = repo.join(BACKUPS_DIR).join(&b.id);
     fs::create_dir_all(pgdata)?;
     fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700))?;
+    // Opened before any write, so that the `syncfs` through it reports every writeback
+    // error of the files written after.
+    let dir = File::open(pgdata).with_context(|| format!("open {}", pgdata.display()))?;
     for d in &b.dirs {
         let p = safe_join(pgdata, d)?;
         fs::create_dir_all(&p)?;
@@ -818,7 +822,6 @@ fn unpack(repo: &Path, b: &BackupRecord, pgdata: &Path) -> Result<()> {
     fs::write(pgdata.join(MANIFEST), manifest)?;
     // One syncfs makes every file and directory entry durable at once: an fsync per file
     // cost more than the decompression.
-    let dir = File::open(pgdata).with_context(|| format!("open {}", pgdata.display()))?;
     nix::unistd::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir))
         .map_err(|e| durable::DurableError::io("syncfs", pgdata, e.into()))?;
     Ok(())

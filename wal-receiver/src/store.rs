@@ -151,15 +151,18 @@ impl StoreState {
 /// Reads `state` as a reader should see it, without taking the lock (for readers such as
 /// restore-wal, restore and status). `Ok(None)` means the store has never been initialised.
 ///
-/// When no writer holds the store, the flush position includes the whole, valid records
-/// past the recorded one, which the writer's next start-up takes up: after a power loss,
-/// `state` on disk may lag behind fsynced, acknowledged WAL (see the module comment), and a
-/// restore run before `follow` starts again must still find that WAL.
+/// After the machine restarted, until a writer has opened the store again, the flush
+/// position includes the whole, valid records past the recorded one, which the writer's
+/// next start-up takes up: `state` on disk may lag behind fsynced, acknowledged WAL (see
+/// the module comment), and a restore run before `follow` starts again must still find
+/// that WAL. Without a restart the recorded `state`, read through the page cache, is
+/// current, and bytes past it may be WAL a writer wrote but never synced: they are not
+/// counted.
 pub fn read_state(dir: &Path) -> Result<Option<StoreState>, StoreError> {
     let Some(mut state) = read_recorded_state(dir)? else {
         return Ok(None);
     };
-    if state.pg_version == walcheck::PG_MAJOR && no_writer(dir) {
+    if state.pg_version == walcheck::PG_MAJOR && restarted_since_writer(dir) && no_writer(dir) {
         if let Some(end) = wal_end_past(dir, &state)? {
             // A writer that started meanwhile may have written WAL it has not synced yet.
             if !no_writer(dir) {
@@ -169,6 +172,28 @@ pub fn read_state(dir: &Path) -> Result<Option<StoreState>, StoreError> {
         }
     }
     Ok(Some(state))
+}
+
+/// This boot of the machine, as Linux names it; `None` where it cannot be read.
+fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// Whether the machine may have restarted since a writer last opened the store: `LOCK`
+/// holds the boot id of the last writer. Only across a restart can `state` on disk lag
+/// behind the WAL its writer synced; within one boot, the page cache holds every rewrite.
+/// Where the boot id cannot be read, a restart is assumed.
+fn restarted_since_writer(dir: &Path) -> bool {
+    let mut recorded = String::new();
+    let read = File::open(dir.join(LOCK_FILE)).and_then(|f| {
+        std::io::Read::read_to_string(&mut std::io::Read::take(f, 64), &mut recorded)
+    });
+    match (boot_id(), read) {
+        (Some(now), Ok(_)) => recorded.trim() != now,
+        _ => true,
+    }
 }
 
 /// Whether no writer holds the store's lock, known for sure (the lock could be tried).
@@ -247,7 +272,8 @@ struct OpenSegment {
 /// The writer's handle on a store. Holds the lock for as long as it lives.
 pub struct Store {
     dir: PathBuf,
-    _lock: Flock<File>,
+    /// Taken before anything else; stored once the store is recovered.
+    _lock: Option<Flock<File>>,
     state: Option<StoreState>,
     /// `state`, open for in-place rewrites once the store is initialised.
     state_file: Option<File>,
@@ -271,17 +297,32 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(|e| DurableError::io("create directory", dir, e))?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock_file = OpenOptions::new()
+        let mut lock_file = OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .open(&lock_path)
             .map_err(|e| DurableError::io("open", &lock_path, e))?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
-            StoreError::Locked {
-                dir: dir.to_owned(),
+        // A reader (status, restore-wal) may hold a shared lock for a moment: wait a little
+        // before calling the store taken.
+        let mut tries = 0;
+        let lock = loop {
+            match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => break lock,
+                Err((f, _)) if tries < 50 => {
+                    lock_file = f;
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(_) => {
+                    return Err(StoreError::Locked {
+                        dir: dir.to_owned(),
+                    })
+                }
             }
-        })?;
+        };
+        let restarted = restarted_since_writer(dir);
         let state = read_recorded_state(dir)?;
         let seal_error = Arc::new(Mutex::new(None));
         let (seal_tx, seal_rx) = mpsc::channel::<SealJob>();
@@ -310,7 +351,7 @@ impl Store {
         let flush_lsn = state.as_ref().map(|s| s.flush_lsn).unwrap_or_default();
         let mut store = Store {
             dir: dir.to_owned(),
-            _lock: lock,
+            _lock: None,
             write_lsn: flush_lsn,
             state_file: None,
             durable_flush: flush_lsn,
@@ -330,12 +371,20 @@ impl Store {
             // before anything (sealing, say) relies on it.
             store.persist_state(&state, true)?;
         }
-        store.recover()?;
+        store.recover(restarted)?;
+        // From now on `state` in the page cache is current for this boot.
+        if let Some(id) = boot_id() {
+            lock.set_len(0)
+                .and_then(|()| lock.write_all_at(id.as_bytes(), 0))
+                .map_err(|e| DurableError::io("write", &lock_path, e))?;
+        }
+        store._lock = Some(lock);
         Ok(store)
     }
 
-    /// Removes leftovers of interrupted writes and queues complete unsealed segments.
-    fn recover(&mut self) -> Result<(), StoreError> {
+    /// Removes leftovers of interrupted writes and queues complete unsealed segments. After
+    /// a restart of the machine (`restarted`), also takes up fsynced WAL past `state`.
+    fn recover(&mut self, restarted: bool) -> Result<(), StoreError> {
         let entries =
             fs::read_dir(&self.dir).map_err(|e| DurableError::io("list", &self.dir, e))?;
         let mut names = Vec::new();
@@ -377,7 +426,11 @@ impl Store {
                 ),
             });
         }
-        let state = self.recover_flushed_wal(state)?;
+        let state = if restarted {
+            self.recover_flushed_wal(state)?
+        } else {
+            state
+        };
         let flush_seg = state.seg_size.segment_of(state.flush_lsn);
         let mut to_seal = Vec::new();
         for name in &names {
@@ -926,7 +979,7 @@ mod tests {
         drop(st);
         let recorded = read_state(&dir).unwrap().unwrap();
         assert_eq!(recorded.flush_lsn, acked);
-        // The record is current: the walk does not move it back to record 28's end.
+        // Reopened: the recorded position stands (it is not moved back to record 28's end).
         let st = Store::open(&dir).unwrap();
         assert_eq!(st.flush_lsn(), acked);
         drop(st);
@@ -936,6 +989,15 @@ mod tests {
             ..recorded.clone()
         };
         fs::write(dir.join(STATE_FILE), lost.encode()).unwrap();
+        // Within the same boot nothing is taken up: bytes past `state` may never have been
+        // synced (a writer killed, or stopped by a failed fsync, before its flush).
+        assert_eq!(read_state(&dir).unwrap().unwrap(), lost);
+        let st = Store::open(&dir).unwrap();
+        assert_eq!(st.flush_lsn(), Lsn(start));
+        drop(st);
+        // After a restart of the machine, it is.
+        let restart = || fs::write(dir.join(LOCK_FILE), "a boot before this one").unwrap();
+        restart();
         // Readers see the WAL before a writer starts again; the record stays as it is.
         assert_eq!(
             read_state(&dir).unwrap().unwrap().flush_lsn,
@@ -953,6 +1015,7 @@ mod tests {
             ..recorded
         };
         fs::write(dir.join(STATE_FILE), lost.encode()).unwrap();
+        restart();
         let partial = segment_path(&dir, &lost, SegmentNo(1), PARTIAL_SUFFIX);
         let f = OpenOptions::new().write(true).open(&partial).unwrap();
         f.write_all_at(&[0u8; 64], wal.ends[24] + 200).unwrap();

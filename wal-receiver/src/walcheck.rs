@@ -40,6 +40,7 @@ const RECORD_HEADER: u64 = 24;
 const RECORD_HEADER_CRC: usize = 20;
 const RM_XLOG_ID: u8 = 0;
 const XLOG_SWITCH: u8 = 0x40;
+const XLOG_OVERWRITE_CONTRECORD: u8 = 0xD0;
 
 /// Where the walker reads a segment's bytes from.
 pub trait SegmentSource {
@@ -227,6 +228,8 @@ impl<S: SegmentSource> Walker<S> {
         }
         let mut end = None;
         let mut prev: Option<u64> = None;
+        // After an abandoned record, the next must say so (XLOG_OVERWRITE_CONTRECORD).
+        let mut abandoned = false;
         while pos < seg_size {
             if pos.is_multiple_of(self.blcksz) {
                 match self.page_header(pos)? {
@@ -236,16 +239,24 @@ impl<S: SegmentSource> Walker<S> {
                 }
             }
             let (rec_end, rmid, info) = match self.record(pos, prev)? {
-                Record::Valid { end, rmid, info } => (end, rmid, info),
-                Record::Invalid => break,
+                Record::Valid { end, rmid, info }
+                    if !abandoned
+                        || (rmid == RM_XLOG_ID && info & 0xF0 == XLOG_OVERWRITE_CONTRECORD) =>
+                {
+                    (end, rmid, info)
+                }
+                Record::Valid { .. } | Record::Invalid => break,
                 // The primary crashed in the middle of this record, and on restart wrote
-                // over the rest: WAL goes on at the page that says so.
-                Record::Abandoned(next) => {
+                // over the rest: WAL goes on at the page that says so, with a record that
+                // points back at the one before the abandoned record.
+                Record::Abandoned(next) if !abandoned => {
                     pos = next;
-                    prev = None;
+                    abandoned = true;
                     continue;
                 }
+                Record::Abandoned(_) => break,
             };
+            abandoned = false;
             // PostgreSQL's positions count the zero padding up to the next record's aligned
             // start; so does this, where the padding is there.
             let aligned = maxalign(rec_end);
@@ -357,6 +368,7 @@ pub mod tests {
 
     /// Lays out WAL the way PostgreSQL writes it, for tests: returns the segment's bytes
     /// (zero after the last record) and the end offset of each record.
+    #[derive(Clone)]
     pub struct WalBuilder {
         pub start: u64,
         pub seg_size: u64,
@@ -427,13 +439,22 @@ pub mod tests {
 
         /// Appends a record with `body` (rmid 1 unless `switch`); false if it does not fit.
         pub fn record(&mut self, body: &[u8], switch: bool) -> bool {
+            if switch {
+                self.record_of(RM_XLOG_ID, XLOG_SWITCH, body)
+            } else {
+                self.record_of(1, 0x10, body)
+            }
+        }
+
+        /// Appends a record of resource manager `rmid` with `info`.
+        pub fn record_of(&mut self, rmid: u8, info: u8, body: &[u8]) -> bool {
             let tot = RECORD_HEADER + body.len() as u64;
             let mut rec = vec![0u8; tot as usize];
             rec[0..4].copy_from_slice(&(tot as u32).to_le_bytes());
             rec[4..8].copy_from_slice(&7u32.to_le_bytes());
             rec[8..16].copy_from_slice(&self.prev.to_le_bytes());
-            rec[16] = if switch { XLOG_SWITCH } else { 0x10 };
-            rec[17] = if switch { RM_XLOG_ID } else { 1 };
+            rec[16] = info;
+            rec[17] = rmid;
             rec[24..].copy_from_slice(body);
             let crc = crc32c::crc32c_append(crc32c::crc32c(&rec[24..]), &rec[..20]);
             rec[20..24].copy_from_slice(&crc.to_le_bytes());
@@ -471,6 +492,8 @@ pub mod tests {
         pub fn abandon_last(&mut self) -> u64 {
             let start = self.starts.pop().expect("a record");
             self.ends.pop();
+            // The record that follows points back at the one before the abandoned record.
+            self.prev = self.start + self.starts.last().copied().unwrap_or(0);
             let page = start - start % BLCKSZ + BLCKSZ;
             assert!(page < self.pos, "the record spans a page");
             self.bytes[page as usize..].fill(0);
@@ -610,10 +633,14 @@ pub mod tests {
         let mut b = built(0, 3);
         assert!(b.record(&[9u8; 9000], false));
         let page = b.abandon_last() as usize;
-        assert!(b.record(b"overwrite contrecord", false));
+        let mut other = b.clone();
+        assert!(b.record_of(RM_XLOG_ID, XLOG_OVERWRITE_CONTRECORD, b"overwritten lsn"));
         assert!(b.record(b"more", false));
         assert_eq!(b.ends.len(), 5);
         assert_eq!(end(&b.bytes, b.expect()), b.end_of(4));
+        // Any other record where the overwrite record belongs ends the walk.
+        assert!(other.record(b"not an overwrite record", false));
+        assert_eq!(end(&other.bytes, other.expect()), other.end_of(2));
         // Without the flag, the page neither continues the record nor abandons it.
         let mut plain = b.bytes.clone();
         plain[page + 2..page + 4].fill(0);
