@@ -509,6 +509,16 @@ if [[ " $PARTS " == *" restore "* ]]; then
     backup_start=$(as_pg "$BIN/wal-receiver" backups --repo "$WORK/repo" --json | sed -E 's/.*"start_lsn":"([^"]*)".*/\1/')
     wal_mb=$(psql_ "SELECT round(('$end'::pg_lsn - '$backup_start'::pg_lsn) / 1048576)")
     say "restore: $wal_mb MB of WAL to replay after the backup"
+    # Let the set-up's background work end before the first run, so that it does not land
+    # on whichever tool goes first: the primary's checkpoint, and the repository follower
+    # sealing the WAL just written.
+    psql_ "CHECKPOINT" >/dev/null
+    for _ in $(seq 300); do
+        partial=$("$BIN/wal-receiver" status --json --wal-dir "$WORK/repo/wal" | sed -E 's/.*"partial_segments":([0-9]+).*/\1/')
+        [ "$partial" -le 1 ] 2>/dev/null && break
+        sleep 0.2
+    done
+    sync
     for run in $(seq "$RUNS"); do
         n=${#RESTORE_TOOLS[@]}
         for i in $(seq 0 $((n - 1))); do
