@@ -2,11 +2,12 @@
 //!
 //! It serves one WAL file from the store to PostgreSQL without taking the store's lock, so
 //! it runs while `follow` writes. A sealed segment is decompressed and verified; the segment
-//! being written is served up to the store's flush position (as [`read_state`] gives it:
-//! with no writer running, that includes whole, valid records a crash left past the recorded
-//! position) and zero-padded to the full segment size (PostgreSQL ignores a short file and
-//! stops replay cleanly at the zeros). Bytes past the flush position are never served: they
-//! may be left over from a crash.
+//! being written is served up to the store's flush position and zero-padded to the full
+//! segment size (PostgreSQL ignores a short file and stops replay cleanly at the zeros). That
+//! position is the one [`crate::store::read_state`] gives: after a restart of the machine,
+//! before a writer opens the store again, it includes whole, valid records past the recorded
+//! position. Bytes past the flush position are never served: they may be left over from a
+//! crash.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -16,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use walship_common::{SegmentNo, WalFileName};
 
 use crate::sealed;
-use crate::store::{read_recorded_state, read_state, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
+use crate::store::{read_recorded_state, with_wal_past, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
 use crate::walread::read_partial;
 
 /// Where prefetched segments wait, next to `dest` (in the server's `pg_wal`).
@@ -44,7 +45,7 @@ pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path, prefetch: bool) -> R
         // Only the segment being written, or a later one, depends on where its WAL ends;
         // earlier ones are read without walking it.
         if segno >= state.seg_size.segment_of(state.flush_lsn) {
-            state = read_state(wal_dir)?.unwrap_or(state);
+            state = with_wal_past(wal_dir, state)?;
         }
     }
     // `file` passed WalFileName::parse: a bare name.

@@ -159,19 +159,26 @@ impl StoreState {
 /// current, and bytes past it may be WAL a writer wrote but never synced: they are not
 /// counted.
 pub fn read_state(dir: &Path) -> Result<Option<StoreState>, StoreError> {
-    let Some(mut state) = read_recorded_state(dir)? else {
-        return Ok(None);
-    };
-    if state.pg_version == walcheck::PG_MAJOR && restarted_since_writer(dir) && no_writer(dir) {
-        if let Some(end) = wal_end_past(dir, &state)? {
+    read_recorded_state(dir)?
+        .map(|state| with_wal_past(dir, state))
+        .transpose()
+}
+
+/// `state`, read as recorded, as [`read_state`] gives it.
+pub fn with_wal_past(dir: &Path, mut state: StoreState) -> Result<StoreState, StoreError> {
+    if state.pg_version == walcheck::PG_MAJOR
+        && restarted_since_writer(dir)
+        && lock_holder(dir) == Some(false)
+    {
+        if let Some(end) = wal_end_past(&flush_segment_path(dir, &state), &state)? {
             // A writer that started meanwhile may have written WAL it has not synced yet.
-            if !no_writer(dir) {
-                return read_recorded_state(dir);
+            if lock_holder(dir) != Some(false) {
+                return Ok(read_recorded_state(dir)?.unwrap_or(state));
             }
             state.flush_lsn = end;
         }
     }
-    Ok(Some(state))
+    Ok(state)
 }
 
 /// This boot of the machine, as Linux names it; `None` where it cannot be read.
@@ -196,23 +203,34 @@ fn restarted_since_writer(dir: &Path) -> bool {
     }
 }
 
-/// Whether no writer holds the store's lock, known for sure (the lock could be tried).
-fn no_writer(dir: &Path) -> bool {
+/// Whether a writer holds the store's lock: `None` when that cannot be known (`LOCK` exists
+/// but cannot be opened). A missing `LOCK` means no writer.
+fn lock_holder(dir: &Path) -> Option<bool> {
     match File::open(dir.join(LOCK_FILE)) {
-        Ok(f) => Flock::lock(f, FlockArg::LockSharedNonblock).is_ok(),
-        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        Ok(f) => Some(Flock::lock(f, FlockArg::LockSharedNonblock).is_err()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(false),
+        Err(_) => None,
     }
 }
 
-/// The end of the whole, valid WAL records past `state.flush_lsn` in the segment that
-/// holds it, if there are any.
-fn wal_end_past(dir: &Path, state: &StoreState) -> Result<Option<Lsn>, StoreError> {
+/// The `.partial` of the segment that holds `state.flush_lsn`.
+fn flush_segment_path(dir: &Path, state: &StoreState) -> PathBuf {
+    segment_path(
+        dir,
+        state,
+        state.seg_size.segment_of(state.flush_lsn),
+        PARTIAL_SUFFIX,
+    )
+}
+
+/// The end of the whole, valid WAL records past `state.flush_lsn` in `path`, the segment
+/// that holds it, if there are any.
+fn wal_end_past(path: &Path, state: &StoreState) -> Result<Option<Lsn>, StoreError> {
     let segno = state.seg_size.segment_of(state.flush_lsn);
-    let path = segment_path(dir, state, segno, PARTIAL_SUFFIX);
-    let file = match File::open(&path) {
+    let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(DurableError::io("open", &path, e).into()),
+        Err(e) => return Err(DurableError::io("open", path, e).into()),
     };
     let expect = walcheck::Expect {
         start: state.seg_size.segment_start(segno),
@@ -220,7 +238,7 @@ fn wal_end_past(dir: &Path, state: &StoreState) -> Result<Option<Lsn>, StoreErro
         system_id: state.system_id,
         timeline: state.timeline,
     };
-    let end = walcheck::valid_end(&file, expect).map_err(|e| DurableError::io("read", &path, e))?;
+    let end = walcheck::valid_end(&file, expect).map_err(|e| DurableError::io("read", path, e))?;
     Ok(end.filter(|&end| end > state.flush_lsn))
 }
 
@@ -240,11 +258,7 @@ pub fn read_recorded_state(dir: &Path) -> Result<Option<StoreState>, StoreError>
 
 /// Whether a writer (`follow`) holds the store's lock right now.
 pub fn writer_running(dir: &Path) -> bool {
-    OpenOptions::new()
-        .read(true)
-        .open(dir.join(LOCK_FILE))
-        .map(|f| Flock::lock(f, FlockArg::LockSharedNonblock).is_err())
-        .unwrap_or(false)
+    lock_holder(dir) == Some(true)
 }
 
 pub fn segment_path(dir: &Path, state: &StoreState, segno: SegmentNo, suffix: &str) -> PathBuf {
@@ -300,7 +314,6 @@ impl Store {
         let mut lock_file = OpenOptions::new()
             .create(true)
             .truncate(false)
-            .read(true)
             .write(true)
             .open(&lock_path)
             .map_err(|e| DurableError::io("open", &lock_path, e))?;
@@ -410,12 +423,7 @@ impl Store {
             }
             return Ok(());
         };
-        let partial = segment_path(
-            &self.dir,
-            &state,
-            state.seg_size.segment_of(state.flush_lsn),
-            PARTIAL_SUFFIX,
-        );
+        let partial = flush_segment_path(&self.dir, &state);
         if state.flush_lsn.segment_offset(state.seg_size) != 0 && !partial.exists() {
             return Err(StoreError::Inconsistent {
                 dir: self.dir.clone(),
@@ -427,7 +435,7 @@ impl Store {
             });
         }
         let state = if restarted {
-            self.recover_flushed_wal(state)?
+            self.recover_flushed_wal(state, &partial)?
         } else {
             state
         };
@@ -456,8 +464,12 @@ impl Store {
     /// lag behind fsynced (and acknowledged) WAL, but only inside one segment, the one that
     /// holds its position. Every whole, valid record there counts; the new position is
     /// recorded and fdatasynced before anything is acknowledged.
-    fn recover_flushed_wal(&mut self, mut state: StoreState) -> Result<StoreState, StoreError> {
-        let Some(end) = wal_end_past(&self.dir, &state)? else {
+    fn recover_flushed_wal(
+        &mut self,
+        mut state: StoreState,
+        path: &Path,
+    ) -> Result<StoreState, StoreError> {
+        let Some(end) = wal_end_past(path, &state)? else {
             return Ok(state);
         };
         tracing::info!(
@@ -465,16 +477,10 @@ impl Store {
             recovered = %end,
             "took up whole, valid WAL records past the recorded flush position (left by a crash)"
         );
-        // The bytes may still be only in the page cache (after SIGKILL): make them durable
-        // before recording them.
-        let path = segment_path(
-            &self.dir,
-            &state,
-            state.seg_size.segment_of(state.flush_lsn),
-            PARTIAL_SUFFIX,
-        );
-        let file = File::open(&path).map_err(|e| DurableError::io("open", &path, e))?;
-        durable::fdatasync_file(&file, &path)?;
+        // The bytes may still be only in the page cache: make them durable before recording
+        // them.
+        let file = File::open(path).map_err(|e| DurableError::io("open", path, e))?;
+        durable::fdatasync_file(&file, path)?;
         state.flush_lsn = end;
         self.persist_state(&state, true)?;
         self.state = Some(state.clone());

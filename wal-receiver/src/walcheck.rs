@@ -90,11 +90,10 @@ pub struct Expect {
 /// next segment is not counted. An `XLOG_SWITCH` record ends the walk: the rest of the
 /// segment is padding.
 pub fn valid_end(src: impl SegmentSource, expect: Expect) -> io::Result<Option<Lsn>> {
-    let mut w = Walker::new(src, expect)?;
-    let Some(w) = w.as_mut() else {
-        return Ok(None);
-    };
-    w.walk()
+    match Walker::new(src, expect)? {
+        Some(mut w) => w.walk(),
+        None => Ok(None),
+    }
 }
 
 struct Walker<S> {
