@@ -261,6 +261,28 @@ pub fn writer_running(dir: &Path) -> bool {
     lock_holder(dir) == Some(true)
 }
 
+/// The nice value of the sealer thread.
+const SEALER_NICE: i32 = 10;
+
+/// Runs the calling thread (the sealer) at a low CPU priority. Sealing is background
+/// work with no one waiting on it, while on the same cores PostgreSQL's backends, the
+/// stream and the standby wait on every wake-up; at nice 10 the scheduler lets them preempt
+/// the sealer's compression. Failure only costs that, so it is logged, not fatal.
+fn lower_sealer_priority() {
+    let tid = nix::unistd::gettid().as_raw();
+    // SAFETY: setpriority takes plain integers and touches no memory of this process; on
+    // Linux, PRIO_PROCESS with a thread id changes the nice value of that thread only.
+    let rc = unsafe {
+        nix::libc::setpriority(nix::libc::PRIO_PROCESS, tid as nix::libc::id_t, SEALER_NICE)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "could not lower the sealer's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub fn segment_path(dir: &Path, state: &StoreState, segno: SegmentNo, suffix: &str) -> PathBuf {
     let name = WalFileName::Segment {
         timeline: state.timeline,
@@ -344,6 +366,7 @@ impl Store {
         let seal_thread = std::thread::Builder::new()
             .name("sealer".into())
             .spawn(move || {
+                lower_sealer_priority();
                 for job in seal_rx {
                     let (state, segno) = match job {
                         SealJob::Seal(state, segno) => (state, segno),
