@@ -119,6 +119,9 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
     primary.sql("INSERT INTO t VALUES ('t2')")?;
     primary.sql("SELECT pg_switch_wal()")?;
     primary.sql("INSERT INTO t VALUES ('after')")?;
+    // The last segment then holds no commit: finding the last one takes a segment back.
+    primary.sql("SELECT pg_switch_wal()")?;
+    primary.sql("CHECKPOINT")?;
     arch.wait_flush(primary.flush_lsn()?)?;
 
     let rows = |pg: &Pg| pg.sql("SELECT string_agg(v, ',' ORDER BY v) FROM t");
@@ -183,6 +186,21 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
         "{}",
         tail(&log, 5)
     );
+    // A time after the archive's last transaction is refused before anything is written:
+    // PostgreSQL would replay to the end and fail.
+    let (code, log) = restore(
+        &dir,
+        &repo,
+        &dir.join("r-future"),
+        &["--target-time", "2100-01-01T00:00:00Z"],
+    )?;
+    assert_eq!(code, Some(4), "{}", tail(&log, 5));
+    assert!(
+        log.contains("is not before the last transaction in the WAL archive"),
+        "{}",
+        tail(&log, 5)
+    );
+    assert!(!dir.join("r-future").exists());
 
     // pg_verifybackup on a restored backup, with its WAL fetched from the archive.
     let listing: serde_json::Value = serde_json::from_str(

@@ -34,7 +34,7 @@ use walship_common::{Lsn, SegmentNo, WalFileName};
 
 use crate::bootstrap::{self, BootstrapConfig};
 use crate::store::{read_recorded_state, read_state, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
-use crate::{exit, sealed, Fatal};
+use crate::{exit, sealed, walcheck, Fatal};
 
 pub const WAL_DIR: &str = "wal";
 pub const BACKUPS_DIR: &str = "backups";
@@ -635,6 +635,106 @@ fn refuse(message: String) -> anyhow::Error {
     .into()
 }
 
+/// Refuses a target time that replay from `start` cannot reach. PostgreSQL stops before the
+/// first commit or abort later than the target (`recovery_target_inclusive` is on); with
+/// none in the archive it replays to the end and fails with "recovery ended before
+/// configured recovery target was reached", on a directory already written. The last
+/// transaction end in the archive tells beforehand.
+fn time_reachable(
+    wal_dir: &Path,
+    state: &StoreState,
+    start: Lsn,
+    time: &str,
+    at: SystemTime,
+) -> Result<()> {
+    // PostgreSQL counts microseconds from 2000-01-01 00:00:00 UTC.
+    const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
+    let target = match at.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+    .saturating_sub(PG_EPOCH_UNIX_SECS * 1_000_000);
+    let pg_to_system = |t: i64| {
+        let unix = t.saturating_add(PG_EPOCH_UNIX_SECS * 1_000_000);
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(unix.max(0) as u64)
+    };
+    match last_xact_end(wal_dir, state, start)? {
+        LastXact::Unknown => Ok(()),
+        LastXact::At(x) => match x.time {
+            walcheck::XactTime::At(t) if t > target => {
+                info!(
+                    last_transaction_end = %humantime::format_rfc3339_micros(pg_to_system(t)),
+                    record = %x.lsn,
+                    "the WAL archive holds a transaction that ended after the target time"
+                );
+                Ok(())
+            }
+            walcheck::XactTime::At(t) if t <= target => Err(refuse(format!(
+                "target {time} is not before the last transaction in the WAL archive (it ended at {}, record at {}): replay would reach the end of the archive without reaching the target. Give an earlier time, or restore without a target to replay the whole archive",
+                humantime::format_rfc3339_micros(pg_to_system(t)),
+                x.lsn
+            ))),
+            _ => Ok(()),
+        },
+        LastXact::None => Err(refuse(format!(
+            "target {time} cannot be reached: the WAL archive holds no committed or aborted transaction from {start} to its end at {}. Restore without a target to replay the whole archive",
+            state.flush_lsn
+        ))),
+    }
+}
+
+enum LastXact {
+    At(walcheck::XactEnd),
+    /// No transaction ends between the start and the end of the archive.
+    None,
+    /// Not found out: a segment is not on the store's current timeline, or too large to
+    /// read into memory.
+    Unknown,
+}
+
+/// The last transaction end in the archive at or after `from`, searched from the flush
+/// position backwards a segment at a time.
+fn last_xact_end(wal_dir: &Path, state: &StoreState, from: Lsn) -> Result<LastXact> {
+    /// Sealed segments are decompressed into memory up to this size (16 MiB by default).
+    const IN_MEMORY_MAX: u64 = 64 << 20;
+    let seg = state.seg_size;
+    if state.flush_lsn <= from {
+        return Ok(LastXact::None);
+    }
+    let first = seg.segment_of(from);
+    let mut segno = seg.segment_of(Lsn(state.flush_lsn.0 - 1));
+    loop {
+        let expect = walcheck::Expect {
+            start: seg.segment_start(segno),
+            seg_size: seg.bytes(),
+            system_id: state.system_id,
+            timeline: state.timeline,
+        };
+        let limit = Some(state.flush_lsn);
+        let sealed_path = crate::store::segment_path(wal_dir, state, segno, SEALED_SUFFIX);
+        let partial_path = crate::store::segment_path(wal_dir, state, segno, PARTIAL_SUFFIX);
+        let found = if sealed_path.exists() {
+            if seg.bytes() > IN_MEMORY_MAX {
+                return Ok(LastXact::Unknown);
+            }
+            let mut bytes = Vec::with_capacity(seg.bytes() as usize);
+            sealed::read_sealed(&sealed_path, seg.bytes(), &mut bytes)?;
+            walcheck::scan(bytes.as_slice(), expect, limit)?
+        } else if let Ok(f) = File::open(&partial_path) {
+            walcheck::scan(&f, expect, limit)
+                .with_context(|| format!("read {}", partial_path.display()))?
+        } else {
+            return Ok(LastXact::Unknown);
+        };
+        match found.last_xact {
+            Some(x) if x.lsn >= from => return Ok(LastXact::At(x)),
+            Some(_) => return Ok(LastXact::None),
+            None if segno.0 <= first.0 => return Ok(LastXact::None),
+            None => segno = SegmentNo(segno.0 - 1),
+        }
+    }
+}
+
 /// The newest of `backups` (oldest first) that `ended` accepts.
 fn newest_ended_by(
     backups: &[BackupRecord],
@@ -679,6 +779,18 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
         }
         .into());
     }
+    let target_at = t
+        .time
+        .as_deref()
+        .map(|time| {
+            humantime::parse_rfc3339_weak(time).map_err(|e| Fatal {
+                code: exit::USAGE,
+                message: format!(
+                    "--target-time {time:?}: {e}; write it as 2026-11-26T17:00:00Z (UTC)"
+                ),
+            })
+        })
+        .transpose()?;
     let chosen = match &cfg.backup {
         Some(id) => backups
             .iter()
@@ -698,13 +810,7 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
                         backups[0].id, backups[0].stop_lsn
                     ))
                 })?
-            } else if let Some(time) = &t.time {
-                let at = humantime::parse_rfc3339_weak(time).map_err(|e| Fatal {
-                    code: exit::USAGE,
-                    message: format!(
-                        "--target-time {time:?}: {e}; write it as 2026-11-26T17:00:00Z (UTC)"
-                    ),
-                })?;
+            } else if let (Some(time), Some(at)) = (&t.time, target_at) {
                 newest_ended_by(&backups, |b| Ok(b.stop_at()? <= at))?.ok_or_else(|| {
                     refuse(format!(
                         "target {time} is before the oldest backup ended ({} at {}); no backup can reach it",
@@ -721,6 +827,9 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
         }
     };
     let start = chosen.start()?;
+    if let (Some(time), Some(at)) = (&t.time, target_at) {
+        time_reachable(&wal_dir, &state, start, time, at)?;
+    }
     let end = t.lsn.unwrap_or(state.flush_lsn);
     let missing = wal_chain(&wal_dir, &state, start, end)?;
     if !missing.is_empty() {

@@ -41,6 +41,14 @@ const RECORD_HEADER_CRC: usize = 20;
 const RM_XLOG_ID: u8 = 0;
 const XLOG_SWITCH: u8 = 0x40;
 const XLOG_OVERWRITE_CONTRECORD: u8 = 0xD0;
+const RM_XACT_ID: u8 = 1;
+const XLOG_XACT_OPMASK: u8 = 0x70;
+/// `XLOG_XACT_COMMIT`, `_ABORT`, `_COMMIT_PREPARED` and `_ABORT_PREPARED`: the records a
+/// recovery target time is compared with (`recoveryStopsBefore`).
+const XACT_ENDS: [u8; 4] = [0x00, 0x20, 0x30, 0x40];
+/// Transaction end records longer than this are not inspected for their time. Commit
+/// records are short unless they carry thousands of subtransactions or dropped relations.
+const XACT_INSPECT_MAX: u64 = 64 * 1024;
 
 /// Where the walker reads a segment's bytes from.
 pub trait SegmentSource {
@@ -90,10 +98,72 @@ pub struct Expect {
 /// next segment is not counted. An `XLOG_SWITCH` record ends the walk: the rest of the
 /// segment is padding.
 pub fn valid_end(src: impl SegmentSource, expect: Expect) -> io::Result<Option<Lsn>> {
+    Ok(scan(src, expect, None)?.end)
+}
+
+/// The time of a transaction's end, as its commit or abort record carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XactTime {
+    /// Microseconds since 2000-01-01 00:00:00 UTC (PostgreSQL's `TimestampTz`).
+    At(i64),
+    /// The record was too long, or not laid out as expected, to read the time from.
+    Unknown,
+}
+
+/// The last transaction end (commit or abort, prepared or not) found in a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XactEnd {
+    /// Where its record starts.
+    pub lsn: Lsn,
+    pub time: XactTime,
+}
+
+/// What a walk over a segment found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// As [`valid_end`] returns it.
+    pub end: Option<Lsn>,
+    /// The last transaction end among the records walked.
+    pub last_xact: Option<XactEnd>,
+}
+
+/// Walks the segment as [`valid_end`] does, and also notes its last transaction end.
+/// With `limit`, records that end past it are not walked (WAL not yet fsynced).
+pub fn scan(src: impl SegmentSource, expect: Expect, limit: Option<Lsn>) -> io::Result<Scan> {
     match Walker::new(src, expect)? {
-        Some(mut w) => w.walk(),
-        None => Ok(None),
+        Some(mut w) => w.walk(limit),
+        None => Ok(Scan::default()),
     }
+}
+
+/// The `xact_time` of a transaction end record, from its bytes after the 24-byte header:
+/// optional origin and top-level xid headers, the main data header, then the main data
+/// (`xl_xact_commit` or `xl_xact_abort`, both starting with `xact_time`). `None` if the
+/// record is not laid out that way (a transaction end has no block references).
+fn xact_time(body: &[u8]) -> Option<i64> {
+    let mut i = 0usize;
+    let main_len = loop {
+        match *body.get(i)? {
+            // XLR_BLOCK_ID_DATA_SHORT: one length byte.
+            255 => {
+                i += 2;
+                break *body.get(i - 1)? as usize;
+            }
+            // XLR_BLOCK_ID_DATA_LONG: a four-byte length.
+            254 => {
+                i += 5;
+                break u32_at(body.get(i - 4..i)?, 0) as usize;
+            }
+            // XLR_BLOCK_ID_ORIGIN (a RepOriginId), XLR_BLOCK_ID_TOPLEVEL_XID (an xid).
+            253 => i += 3,
+            252 => i += 5,
+            _ => return None,
+        }
+    };
+    if body.len().checked_sub(main_len)? != i || main_len < 8 {
+        return None;
+    }
+    Some(u64_at(body, i) as i64)
 }
 
 struct Walker<S> {
@@ -117,7 +187,12 @@ enum Span {
 }
 
 enum Record {
-    Valid { end: u64, rmid: u8, info: u8 },
+    Valid {
+        end: u64,
+        rmid: u8,
+        info: u8,
+        xact: Option<XactTime>,
+    },
     Abandoned(u64),
     Invalid,
 }
@@ -211,10 +286,11 @@ impl<S: SegmentSource> Walker<S> {
         }))
     }
 
-    fn walk(&mut self) -> io::Result<Option<Lsn>> {
+    fn walk(&mut self, limit: Option<Lsn>) -> io::Result<Scan> {
         let seg_size = self.expect.seg_size;
+        let mut found = Scan::default();
         let Some(first) = self.page_header(0)? else {
-            return Ok(None);
+            return Ok(found);
         };
         let mut pos = first.len;
         if first.info & XLP_FIRST_IS_CONTRECORD != 0 {
@@ -222,10 +298,9 @@ impl<S: SegmentSource> Walker<S> {
             pos = match self.span(pos, first.rem_len as u64, |_| {})? {
                 Span::End(tail_end) => maxalign(tail_end),
                 Span::Abandoned(next) => next,
-                Span::Broken => return Ok(None),
+                Span::Broken => return Ok(found),
             };
         }
-        let mut end = None;
         let mut prev: Option<u64> = None;
         // After an abandoned record, the next must say so (XLOG_OVERWRITE_CONTRECORD).
         let mut abandoned = false;
@@ -237,12 +312,16 @@ impl<S: SegmentSource> Walker<S> {
                     _ => break,
                 }
             }
-            let (rec_end, rmid, info) = match self.record(pos, prev)? {
-                Record::Valid { end, rmid, info }
-                    if !abandoned
-                        || (rmid == RM_XLOG_ID && info & 0xF0 == XLOG_OVERWRITE_CONTRECORD) =>
+            let (rec_end, rmid, info, xact) = match self.record(pos, prev)? {
+                Record::Valid {
+                    end,
+                    rmid,
+                    info,
+                    xact,
+                } if !abandoned
+                    || (rmid == RM_XLOG_ID && info & 0xF0 == XLOG_OVERWRITE_CONTRECORD) =>
                 {
-                    (end, rmid, info)
+                    (end, rmid, info, xact)
                 }
                 Record::Valid { .. } | Record::Invalid => break,
                 // The primary crashed in the middle of this record, and on restart wrote
@@ -255,7 +334,16 @@ impl<S: SegmentSource> Walker<S> {
                 }
                 Record::Abandoned(_) => break,
             };
+            if limit.is_some_and(|l| self.expect.start.0 + rec_end > l.0) {
+                break;
+            }
             abandoned = false;
+            if let Some(time) = xact {
+                found.last_xact = Some(XactEnd {
+                    lsn: Lsn(self.expect.start.0 + pos),
+                    time,
+                });
+            }
             // PostgreSQL's positions count the zero padding up to the next record's aligned
             // start; so does this, where the padding is there.
             let aligned = maxalign(rec_end);
@@ -263,7 +351,7 @@ impl<S: SegmentSource> Walker<S> {
                 && self
                     .bytes(rec_end, aligned - rec_end)?
                     .is_some_and(|pad| pad.iter().all(|&b| b == 0));
-            end = Some(Lsn(
+            found.end = Some(Lsn(
                 self.expect.start.0 + if padded { aligned } else { rec_end }
             ));
             if rmid == RM_XLOG_ID && info & 0xF0 == XLOG_SWITCH {
@@ -272,7 +360,7 @@ impl<S: SegmentSource> Walker<S> {
             prev = Some(self.expect.start.0 + pos);
             pos = maxalign(rec_end);
         }
-        Ok(end)
+        Ok(found)
     }
 
     fn page_end(&self, pos: u64) -> u64 {
@@ -327,13 +415,23 @@ impl<S: SegmentSource> Walker<S> {
         let mut header = [0u8; RECORD_HEADER as usize];
         let mut have = 0usize;
         let mut crc = 0u32;
+        // The body of a short transaction end record, kept to read its time from.
+        let mut xact_body: Option<Vec<u8>> = None;
         // The header first (it may span pages too), then the body into the CRC.
         let visit = |chunk: &[u8]| {
             let h = (header.len().saturating_sub(have)).min(chunk.len());
             if h > 0 {
                 header[have..have + h].copy_from_slice(&chunk[..h]);
+                if have + h == header.len() && is_xact_end(header[17], header[16]) {
+                    // Bounded: tot_len was checked against XACT_INSPECT_MAX.
+                    xact_body = (tot_len <= XACT_INSPECT_MAX)
+                        .then(|| Vec::with_capacity((tot_len - RECORD_HEADER) as usize));
+                }
             }
             crc = crc32c::crc32c_append(crc, &chunk[h..]);
+            if let Some(body) = xact_body.as_mut() {
+                body.extend_from_slice(&chunk[h..]);
+            }
             have += chunk.len();
         };
         let p = match self.span(pos, tot_len, visit)? {
@@ -351,12 +449,24 @@ impl<S: SegmentSource> Walker<S> {
         if crc != u32_at(&header, 20) || !prev_ok {
             return Ok(Record::Invalid);
         }
+        let (rmid, info) = (header[17], header[16]);
+        let xact = is_xact_end(rmid, info).then(|| {
+            xact_body
+                .as_deref()
+                .and_then(xact_time)
+                .map_or(XactTime::Unknown, XactTime::At)
+        });
         Ok(Record::Valid {
             end: p,
-            rmid: header[17],
-            info: header[16],
+            rmid,
+            info,
+            xact,
         })
     }
+}
+
+fn is_xact_end(rmid: u8, info: u8) -> bool {
+    rmid == RM_XACT_ID && XACT_ENDS.contains(&(info & XLOG_XACT_OPMASK))
 }
 
 #[cfg(test)]
@@ -657,6 +767,83 @@ pub mod tests {
         // Whatever follows a switch is padding, even if it looks like records.
         assert!(b.record(b"after the switch", false));
         assert_eq!(end(&b.bytes, b.expect()), b.end_of(3));
+    }
+
+    /// The body of a commit record: optional origin, the main data header, `xl_xact_commit`.
+    fn commit_body(time: i64, origin: bool) -> Vec<u8> {
+        let mut b = Vec::new();
+        if origin {
+            b.extend_from_slice(&[253, 1, 0]);
+        }
+        b.extend_from_slice(&[255, 12]);
+        b.extend_from_slice(&time.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn the_last_transaction_end_and_its_time_are_found() {
+        let mut b = built(0, 3);
+        assert!(b.record_of(1, 0x00, &commit_body(1_000, false)));
+        // XLOG_XACT_COMMIT with XLOG_XACT_HAS_INFO (0x80).
+        assert!(b.record_of(1, 0x80, &commit_body(2_000, true)));
+        let abort_at = b.pos;
+        assert!(b.record_of(1, 0x20, &commit_body(3_000, false)));
+        // A PREPARE (0x10) and other resource managers are not transaction ends.
+        assert!(b.record_of(1, 0x10, &commit_body(9_000, false)));
+        assert!(b.record_of(2, 0x00, &commit_body(9_000, false)));
+        let e = b.expect();
+        let found = scan(b.bytes.as_slice(), e, None).unwrap();
+        assert_eq!(found.end, b.end_of(b.ends.len() - 1));
+        assert_eq!(
+            found.last_xact,
+            Some(XactEnd {
+                lsn: Lsn(START + abort_at),
+                time: XactTime::At(3_000)
+            })
+        );
+        // A limit before the abort's end leaves the commit before it as the last.
+        let limit = Lsn(START + abort_at + 10);
+        let found = scan(b.bytes.as_slice(), e, Some(limit)).unwrap();
+        assert_eq!(found.last_xact.map(|x| x.time), Some(XactTime::At(2_000)));
+        assert!(found.end.unwrap() <= limit);
+        // None in a segment without transaction ends.
+        let plain = built(0, 5);
+        assert_eq!(
+            scan(plain.bytes.as_slice(), e, None).unwrap().last_xact,
+            None
+        );
+    }
+
+    #[test]
+    fn a_transaction_end_that_cannot_be_read_has_an_unknown_time() {
+        // Longer than the inspection limit (spans pages), with a long main data header.
+        let mut long = vec![254];
+        long.extend_from_slice(&70_000u32.to_le_bytes());
+        long.extend_from_slice(&5_000i64.to_le_bytes());
+        long.resize(5 + 70_000, 7);
+        // A block reference where a transaction end has none.
+        let mut blocks = vec![0u8, 0x10];
+        blocks.extend_from_slice(&commit_body(6_000, false));
+        for body in [long, blocks] {
+            let mut b = built(0, 2);
+            assert!(b.record_of(1, 0x00, &body));
+            let found = scan(b.bytes.as_slice(), b.expect(), None).unwrap();
+            assert_eq!(found.last_xact.map(|x| x.time), Some(XactTime::Unknown));
+        }
+        assert_eq!(
+            xact_time(&[255, 4, 1, 2, 3, 4]),
+            None,
+            "too short for a time"
+        );
+        assert_eq!(xact_time(&[255, 12, 1]), None, "cut short");
+        assert_eq!(
+            xact_time(&[254, 255, 255, 255, 255]),
+            None,
+            "length past the end"
+        );
+        assert_eq!(xact_time(&[252, 1]), None);
+        assert_eq!(xact_time(&[]), None);
     }
 
     #[test]
