@@ -140,7 +140,7 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
         }
         // WAL written before the failure was verified and is contiguous: make it durable, so
         // the next session resumes exactly where the store ends.
-        tokio::task::block_in_place(|| store.flush()).map_err(store_fatal)?;
+        store.flush().map_err(store_fatal)?;
         publish(feed.as_ref(), &store);
         if store.flush_lsn() > before {
             backoff = BACKOFF_MIN;
@@ -153,8 +153,8 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
     // Signal: make what was written durable (nothing unflushed was acknowledged anyway).
-    let flush_lsn = tokio::task::block_in_place(|| store.flush()).map_err(store_fatal)?;
-    tokio::task::block_in_place(|| store.close()).map_err(store_fatal)?;
+    let flush_lsn = store.flush().map_err(store_fatal)?;
+    store.close().map_err(store_fatal)?;
     info!(%flush_lsn, "wal-receiver stopped");
     Ok(())
 }
@@ -595,10 +595,9 @@ async fn session(
                 .start_lsn
                 .unwrap_or(server_flush_lsn)
                 .segment_start(seg_size);
-            tokio::task::block_in_place(|| {
-                store.init(system_id, timeline, seg_size, info.pg_version, start_lsn)
-            })
-            .map_err(store_fatal)?;
+            store
+                .init(system_id, timeline, seg_size, info.pg_version, start_lsn)
+                .map_err(store_fatal)?;
             info!(%start_lsn, "initialised empty WAL store");
         }
     }
@@ -732,7 +731,7 @@ async fn follow_history(
     // Refuse before anything of the new history is stored.
     check_not_diverged(st.timeline, store.flush_lsn(), hist, sender)?;
     for (t, content) in &files {
-        tokio::task::block_in_place(|| store.save_history(*t, content)).map_err(store_fatal)?;
+        store.save_history(*t, content).map_err(store_fatal)?;
     }
     loop {
         let st = store.state().expect("initialised").clone();
@@ -751,7 +750,7 @@ async fn follow_history(
             );
             return Ok(());
         }
-        tokio::task::block_in_place(|| store.switch_timeline(next, switch)).map_err(store_fatal)?;
+        store.switch_timeline(next, switch).map_err(store_fatal)?;
         warn!(
             from_timeline = st.timeline.0,
             to_timeline = next.0,
@@ -869,8 +868,8 @@ async fn stream(
             // the new position.
             let (view, feed_ref) = (view_of(store), feed.as_deref());
             let mut synced_us = 0u64;
-            let flush_lsn = tokio::task::block_in_place(|| {
-                store.flush_notify(|synced| {
+            let flush_lsn = store
+                .flush_notify(|synced| {
                     synced_us = t0.elapsed().as_micros() as u64;
                     if let (Some(f), Some(v)) = (feed_ref, view) {
                         f.view.send_replace(Some(StoreView {
@@ -879,8 +878,7 @@ async fn stream(
                         }));
                     }
                 })
-            })
-            .map_err(store_fatal)?;
+                .map_err(store_fatal)?;
             tracing::debug!(
                 batch,
                 synced_us,

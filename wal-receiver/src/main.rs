@@ -155,7 +155,8 @@ enum Command {
         /// The new data directory (created; must be empty or absent).
         #[arg(long, value_name = "DIR")]
         pgdata: PathBuf,
-        /// Replay up to this time: RFC 3339 in UTC, e.g. 2026-11-26T17:00:00Z.
+        /// Replay up to this time: RFC 3339 in UTC, e.g. 2026-11-26T17:00:00Z. The
+        /// archive must hold a commit or abort after it (refused otherwise).
         #[arg(long, value_name = "TIME")]
         target_time: Option<String>,
         /// Replay up to this LSN.
@@ -258,6 +259,15 @@ fn parse_mapping(s: &str) -> Result<(PathBuf, PathBuf), String> {
     Ok((old, new))
 }
 
+/// `follow`'s runtime: one thread, which writes and fdatasyncs the store inline, as
+/// pg_receivewal does. Handing each fdatasync to another thread (`block_in_place`) woke a
+/// second thread per flush, and the served standby's task ran wherever that thread was.
+fn follow_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -294,12 +304,7 @@ fn main() -> ExitCode {
                 tls,
                 serve,
             };
-            // On a worker thread, the task that follows is woken by the thread that sees its
-            // socket ready, not passed on to the main thread: one wake-up per frame, not two.
-            let rt = runtime()?;
-            rt.block_on(async { tokio::spawn(wal_receiver::follow::follow(cfg)).await })
-                .map_err(|e| anyhow::anyhow!("the follow task failed: {e}"))
-                .and_then(|r| r)
+            follow_runtime()?.block_on(wal_receiver::follow::follow(cfg))
         }),
         Command::Bootstrap {
             senders,

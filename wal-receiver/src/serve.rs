@@ -697,7 +697,7 @@ impl Ctx {
         loop {
             let limit = end.map(|(e, _)| e).unwrap_or(view.flush_lsn);
             while pos < limit {
-                let data = tokio::task::block_in_place(|| reader.read(pos, MAX_SEND, limit))?;
+                let data = reader.read(pos, MAX_SEND, limit)?;
                 let Some(data) = data else {
                     let name = WalFileName::Segment {
                         timeline,
