@@ -7,7 +7,8 @@
 //! valid:
 //!
 //! - every page header has PostgreSQL 15's magic, the page's own address (`xlp_pageaddr`), a
-//!   plausible timeline, and the continuation flag and length a record spanning pages needs;
+//!   plausible timeline, never lower than an earlier page's, and the continuation flag and
+//!   length a record spanning pages needs;
 //! - the first page's long header names the store's system identifier, segment size and a
 //!   sane page size;
 //! - every record has a sane length, points back at the record before it (`xl_prev`), and
@@ -173,6 +174,8 @@ struct Walker<S> {
     page: Vec<u8>,
     /// Offset of the page in `page`, once one is loaded.
     loaded: Option<u64>,
+    /// The offset and timeline of the furthest page whose header was found valid.
+    latest_page: Option<(u64, u32)>,
 }
 
 /// How a walk over one record's bytes ended.
@@ -243,6 +246,7 @@ impl<S: SegmentSource> Walker<S> {
             // Bounded by the check above: at most 64 KiB.
             page: vec![0; blcksz as usize],
             loaded: None,
+            latest_page: None,
         }))
     }
 
@@ -266,6 +270,7 @@ impl<S: SegmentSource> Walker<S> {
     /// The header of the page at `off` (a page boundary), if it is valid for this segment.
     fn page_header(&mut self, off: u64) -> io::Result<Option<PageHeader>> {
         let expect = self.expect;
+        let latest_page = self.latest_page;
         let long = off == 0;
         let len = if long { LONG_HEADER } else { SHORT_HEADER };
         let Some(h) = self.bytes(off, len)? else {
@@ -273,17 +278,24 @@ impl<S: SegmentSource> Walker<S> {
         };
         let info = u16_at(h, 2);
         let tli = u32_at(h, 4);
+        let rem_len = u32_at(h, 16);
+        // A child timeline always has a higher id than its parent: going on, the timeline
+        // never goes back (PostgreSQL's "out-of-sequence timeline ID").
+        let in_sequence = match latest_page {
+            Some((latest, latest_tli)) if off > latest => tli >= latest_tli,
+            _ => true,
+        };
         let valid = u16_at(h, 0) == XLOG_PAGE_MAGIC
             && info & !XLP_ALL_FLAGS == 0
             && (info & XLP_LONG_HEADER != 0) == long
             && tli != 0
             && tli <= expect.timeline.0
+            && in_sequence
             && u64_at(h, 8) == expect.start.0 + off;
-        Ok(valid.then(|| PageHeader {
-            info,
-            rem_len: u32_at(h, 16),
-            len,
-        }))
+        if valid && latest_page.is_none_or(|(latest, _)| off > latest) {
+            self.latest_page = Some((off, tli));
+        }
+        Ok(valid.then_some(PageHeader { info, rem_len, len }))
     }
 
     fn walk(&mut self, limit: Option<Lsn>) -> io::Result<Scan> {
@@ -767,6 +779,33 @@ pub mod tests {
         // Whatever follows a switch is padding, even if it looks like records.
         assert!(b.record(b"after the switch", false));
         assert_eq!(end(&b.bytes, b.expect()), b.end_of(3));
+    }
+
+    #[test]
+    fn a_timeline_going_back_ends_the_walk() {
+        let b = built(0, 24);
+        let cut = 3 * BLCKSZ;
+        assert!(
+            b.pos > cut + BLCKSZ,
+            "the WAL goes past the page where it is cut"
+        );
+        // Pages before `cut` on timeline 2, the rest on timeline 1 (as if a page of the
+        // parent timeline followed): the walk ends at `cut`.
+        let mut bytes = b.bytes.clone();
+        let mut e = b.expect();
+        e.timeline = TimelineId(2);
+        for page in (0..cut).step_by(BLCKSZ as usize) {
+            bytes[page as usize + 4..page as usize + 8].copy_from_slice(&2u32.to_le_bytes());
+        }
+        let whole = b.ends.iter().rposition(|&end| end <= cut).unwrap();
+        assert_eq!(end(&bytes, e), b.end_of(whole));
+        // The same WAL all on timeline 1, or going up from 1 to 2, is walked to its end.
+        assert_eq!(end(&b.bytes, e), b.end_of(b.ends.len() - 1));
+        let mut up = b.bytes.clone();
+        for page in (cut..SEG).step_by(BLCKSZ as usize) {
+            up[page as usize + 4..page as usize + 8].copy_from_slice(&2u32.to_le_bytes());
+        }
+        assert_eq!(end(&up, e), b.end_of(b.ends.len() - 1));
     }
 
     /// The body of a commit record: optional origin, the main data header, `xl_xact_commit`.
