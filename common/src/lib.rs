@@ -7,12 +7,14 @@
 //! - [`durable`]: crash-safe file writes.
 //! - [`logging`]: tracing set-up shared by both binaries.
 //! - [`timeline`]: timeline history files.
+//! - [`pgtime`]: PostgreSQL's timestamps.
 //! - [`tls`]: TLS configuration and the plain-or-TLS stream halves.
 
 pub mod durable;
 pub mod frame;
 pub mod logging;
 pub mod lsn;
+pub mod pgtime;
 pub mod protocol;
 pub mod segment;
 pub mod timeline;

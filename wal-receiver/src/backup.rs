@@ -28,8 +28,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use tracing::{info, warn};
-use walship_common::durable;
 use walship_common::timeline::{read_history_file, History};
+use walship_common::{durable, pgtime};
 use walship_common::{Lsn, SegmentNo, WalFileName};
 
 use crate::bootstrap::{self, BootstrapConfig};
@@ -647,34 +647,26 @@ fn time_reachable(
     time: &str,
     at: SystemTime,
 ) -> Result<()> {
-    // PostgreSQL counts microseconds from 2000-01-01 00:00:00 UTC.
-    const PG_EPOCH_UNIX_SECS: i64 = 946_684_800;
-    let target = match at.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
-    }
-    .saturating_sub(PG_EPOCH_UNIX_SECS * 1_000_000);
-    let pg_to_system = |t: i64| {
-        let unix = t.saturating_add(PG_EPOCH_UNIX_SECS * 1_000_000);
-        SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(unix.max(0) as u64)
-    };
+    let target = pgtime::from_system(at);
     match last_xact_end(wal_dir, state, start)? {
         LastXact::Unknown => Ok(()),
         LastXact::At(x) => match x.time {
-            walcheck::XactTime::At(t) if t > target => {
+            walcheck::XactTime::Unknown => Ok(()),
+            walcheck::XactTime::At(t) => {
+                let ended = humantime::format_rfc3339_micros(pgtime::to_system(t));
+                if t <= target {
+                    return Err(refuse(format!(
+                        "target {time} is not before the last transaction in the WAL archive (it ended at {ended}, record at {}): replay would reach the end of the archive without reaching the target. Give an earlier time, or restore without a target to replay the whole archive",
+                        x.lsn
+                    )));
+                }
                 info!(
-                    last_transaction_end = %humantime::format_rfc3339_micros(pg_to_system(t)),
+                    last_transaction_end = %ended,
                     record = %x.lsn,
                     "the WAL archive holds a transaction that ended after the target time"
                 );
                 Ok(())
             }
-            walcheck::XactTime::At(t) if t <= target => Err(refuse(format!(
-                "target {time} is not before the last transaction in the WAL archive (it ended at {}, record at {}): replay would reach the end of the archive without reaching the target. Give an earlier time, or restore without a target to replay the whole archive",
-                humantime::format_rfc3339_micros(pg_to_system(t)),
-                x.lsn
-            ))),
-            _ => Ok(()),
         },
         LastXact::None => Err(refuse(format!(
             "target {time} cannot be reached: the WAL archive holds no committed or aborted transaction from {start} to its end at {}. Restore without a target to replay the whole archive",

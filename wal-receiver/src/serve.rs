@@ -30,7 +30,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use walship_common::tls::{self, Reader, Writer};
-use walship_common::{Lsn, TimelineId, WalFileName, WalSegSize};
+use walship_common::{pgtime, Lsn, TimelineId, WalFileName, WalSegSize};
 
 use crate::walread::WalReader;
 use walship_common::timeline::{read_history_file, History};
@@ -306,15 +306,6 @@ impl Out {
 fn cstr(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(s.as_bytes());
     b.push(0);
-}
-
-/// Microseconds since 2000-01-01, PostgreSQL's timestamp.
-fn pg_now() -> i64 {
-    const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    (now.as_micros() as i64) - (PG_EPOCH_UNIX_SECS as i64) * 1_000_000
 }
 
 fn unix_now() -> u64 {
@@ -716,7 +707,7 @@ impl Ctx {
                 body.push(b'w');
                 body.extend_from_slice(&pos.0.to_be_bytes());
                 body.extend_from_slice(&limit.0.to_be_bytes());
-                body.extend_from_slice(&pg_now().to_be_bytes());
+                body.extend_from_slice(&pgtime::now().to_be_bytes());
                 body.extend_from_slice(&data);
                 out.msg(b'd', &body);
                 out.send(wr).await?;
@@ -770,7 +761,7 @@ impl Ctx {
                     let mut body = Vec::with_capacity(18);
                     body.push(b'k');
                     body.extend_from_slice(&view.flush_lsn.0.to_be_bytes());
-                    body.extend_from_slice(&pg_now().to_be_bytes());
+                    body.extend_from_slice(&pgtime::now().to_be_bytes());
                     body.push(0);
                     out.msg(b'd', &body);
                     out.send(wr).await?;

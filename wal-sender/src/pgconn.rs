@@ -11,7 +11,7 @@
 //! buffer until a whole message is there, so it can be used in `select!`.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, BufMut, BytesMut};
@@ -20,13 +20,11 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::config::Host;
-use walship_common::Lsn;
+use walship_common::{pgtime, Lsn};
 
 /// The largest backend message accepted (replication data messages are at most 128 KiB).
 pub const MAX_BACKEND_MESSAGE: usize = 64 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
-const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
@@ -364,7 +362,7 @@ impl ReplConn {
         m.put_u64(write.0);
         m.put_u64(flush.0);
         m.put_u64(apply.0);
-        m.put_i64(pg_now());
+        m.put_i64(pgtime::now());
         m.put_u8(reply_requested as u8);
         frontend::CopyData::new(m.freeze())?.write(&mut self.wbuf);
         self.flush().await
@@ -381,7 +379,7 @@ impl ReplConn {
     ) -> Result<()> {
         let mut m = BytesMut::with_capacity(25);
         m.put_u8(b'h');
-        m.put_i64(pg_now());
+        m.put_i64(pgtime::now());
         m.put_u32(xmin);
         m.put_u32(xmin_epoch);
         m.put_u32(catalog_xmin);
@@ -537,13 +535,4 @@ pub fn parse_error(body: &[u8]) -> PgError {
         }
     }
     e
-}
-
-/// Now in PostgreSQL's timestamp format: microseconds since 2000-01-01.
-pub fn pg_now() -> i64 {
-    let us = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    us - PG_EPOCH_OFFSET_US
 }
