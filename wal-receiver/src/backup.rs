@@ -34,6 +34,7 @@ use walship_common::{Lsn, SegmentNo, WalFileName};
 
 use crate::bootstrap::{self, BootstrapConfig};
 use crate::store::{read_recorded_state, read_state, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
+use crate::walread::{StoreSegment, WalReader};
 use crate::{exit, sealed, walcheck, Fatal};
 
 pub const WAL_DIR: &str = "wal";
@@ -695,6 +696,7 @@ fn last_xact_end(wal_dir: &Path, state: &StoreState, from: Lsn) -> Result<LastXa
     }
     let first = seg.segment_of(from);
     let mut segno = seg.segment_of(Lsn(state.flush_lsn.0 - 1));
+    let mut reader = WalReader::new(wal_dir, state.timeline, seg);
     loop {
         let expect = walcheck::Expect {
             start: seg.segment_start(segno),
@@ -702,22 +704,27 @@ fn last_xact_end(wal_dir: &Path, state: &StoreState, from: Lsn) -> Result<LastXa
             system_id: state.system_id,
             timeline: state.timeline,
         };
-        let limit = Some(state.flush_lsn);
         let sealed_path = crate::store::segment_path(wal_dir, state, segno, SEALED_SUFFIX);
-        let partial_path = crate::store::segment_path(wal_dir, state, segno, PARTIAL_SUFFIX);
-        let found = if sealed_path.exists() {
-            if seg.bytes() > IN_MEMORY_MAX {
-                return Ok(LastXact::Unknown);
-            }
-            let mut bytes = Vec::with_capacity(seg.bytes() as usize);
-            sealed::read_sealed(&sealed_path, seg.bytes(), &mut bytes)?;
-            walcheck::scan(bytes.as_slice(), expect, limit)?
-        } else if let Ok(f) = File::open(&partial_path) {
-            walcheck::scan(&f, expect, limit)
-                .with_context(|| format!("read {}", partial_path.display()))?
-        } else {
+        if seg.bytes() > IN_MEMORY_MAX && sealed_path.exists() {
             return Ok(LastXact::Unknown);
-        };
+        }
+        // Through the reader, which checks that a `.partial` was not recycled by a running
+        // follower while it was read (and then reads the sealed copy).
+        let mut src = StoreSegment::new(&mut reader, segno);
+        let found = walcheck::scan(&mut src, expect, Some(state.flush_lsn)).with_context(|| {
+            let name = WalFileName::Segment {
+                timeline: state.timeline,
+                segno,
+            };
+            format!(
+                "read WAL segment {} in {}",
+                name.to_name(seg),
+                wal_dir.display()
+            )
+        })?;
+        if src.missing {
+            return Ok(LastXact::Unknown);
+        }
         match found.last_xact {
             Some(x) if x.lsn >= from => return Ok(LastXact::At(x)),
             Some(_) => return Ok(LastXact::None),

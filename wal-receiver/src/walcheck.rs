@@ -57,6 +57,12 @@ pub trait SegmentSource {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<bool>;
 }
 
+impl<T: SegmentSource + ?Sized> SegmentSource for &mut T {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        (**self).read_at(offset, buf)
+    }
+}
+
 impl SegmentSource for &[u8] {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
         let src = usize::try_from(offset)

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use walship_common::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegSize};
 
-use crate::sealed;
 use crate::store::{PARTIAL_SUFFIX, SEALED_SUFFIX};
+use crate::{sealed, walcheck};
 
 /// Reads `len` bytes at `offset` of a `.partial` file, if the file is there and is still the
 /// same file once they are read. `Ok(None)`: not there, or renamed away meanwhile.
@@ -100,5 +100,46 @@ impl WalReader {
         let out = whole[offset as usize..offset as usize + len].to_vec();
         self.sealed = Some((segno, whole));
         Ok(Some(out))
+    }
+}
+
+/// One segment of a store, read through a [`WalReader`] for the record walker: a `.partial`
+/// the sealer recycles meanwhile is read from its sealed copy instead.
+pub struct StoreSegment<'a> {
+    reader: &'a mut WalReader,
+    start: Lsn,
+    /// Set when the store does not hold the segment.
+    pub missing: bool,
+}
+
+impl<'a> StoreSegment<'a> {
+    pub fn new(reader: &'a mut WalReader, segno: SegmentNo) -> StoreSegment<'a> {
+        let start = reader.seg_size.segment_start(segno);
+        StoreSegment {
+            reader,
+            start,
+            missing: false,
+        }
+    }
+}
+
+impl walcheck::SegmentSource for StoreSegment<'_> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let lsn = Lsn(self.start.0 + offset);
+        // Up to the segment's end: the walker itself leaves out records past the flush
+        // position, but needs the whole page that holds it.
+        let seg_end = Lsn(self.start.0 + self.reader.seg_size.bytes());
+        match self.reader.read(lsn, buf.len(), seg_end) {
+            Ok(Some(bytes)) if bytes.len() == buf.len() => {
+                buf.copy_from_slice(&bytes);
+                Ok(true)
+            }
+            Ok(Some(_)) => Ok(false),
+            Ok(None) => {
+                self.missing = true;
+                Ok(false)
+            }
+            Err(e) => Err(io::Error::other(format!("{e:#}"))),
+        }
     }
 }
