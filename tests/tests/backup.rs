@@ -169,38 +169,33 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
     assert!(!at_end.data.join("pg_wal/.walship-prefetch").exists());
     drop(at_end);
 
-    // A target before the backup ended is refused, and nothing is written.
-    let (code, log) = restore(
-        &dir,
-        &repo,
-        &dir.join("r-early"),
+    // Targets no backup plus archive reaches are refused, and nothing is written.
+    let refused = |name: &str, args: &[&str], why: &str| -> Result<()> {
+        let (code, log) = restore(&dir, &repo, &dir.join(name), args)?;
+        assert_eq!(code, Some(4), "{name}: {}", tail(&log, 5));
+        assert!(log.contains(why), "{name}: {}", tail(&log, 5));
+        assert!(!dir.join(name).exists(), "{name} was written");
+        Ok(())
+    };
+    // Before the backup ended.
+    refused(
+        "r-early",
         &["--target-lsn", "0/1000000"],
+        "no backup can reach it",
     )?;
-    assert_eq!(code, Some(4), "{}", tail(&log, 5));
-    assert!(log.contains("no backup can reach it"), "{}", tail(&log, 5));
-    assert!(!dir.join("r-early").exists());
-    let (code, log) = restore(&dir, &repo, &dir.join("r-late"), &["--target-lsn", "FF/0"])?;
-    assert_eq!(code, Some(4), "{}", tail(&log, 5));
-    assert!(
-        log.contains("past the end of the WAL archive"),
-        "{}",
-        tail(&log, 5)
-    );
-    // A time after the archive's last transaction is refused before anything is written:
-    // PostgreSQL would replay to the end and fail.
-    let (code, log) = restore(
-        &dir,
-        &repo,
-        &dir.join("r-future"),
+    // Past the end of the archive.
+    refused(
+        "r-late",
+        &["--target-lsn", "FF/0"],
+        "past the end of the WAL archive",
+    )?;
+    // A time after the archive's last transaction: PostgreSQL would replay to the end and
+    // fail.
+    refused(
+        "r-future",
         &["--target-time", "2100-01-01T00:00:00Z"],
+        "is not before the last transaction in the WAL archive",
     )?;
-    assert_eq!(code, Some(4), "{}", tail(&log, 5));
-    assert!(
-        log.contains("is not before the last transaction in the WAL archive"),
-        "{}",
-        tail(&log, 5)
-    );
-    assert!(!dir.join("r-future").exists());
 
     // pg_verifybackup on a restored backup, with its WAL fetched from the archive.
     let listing: serde_json::Value = serde_json::from_str(
