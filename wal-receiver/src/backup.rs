@@ -698,12 +698,6 @@ fn last_xact_end(wal_dir: &Path, state: &StoreState, from: Lsn) -> Result<LastXa
     let mut segno = seg.segment_of(Lsn(state.flush_lsn.0 - 1));
     let mut reader = WalReader::new(wal_dir, state.timeline, seg);
     loop {
-        let expect = walcheck::Expect {
-            start: seg.segment_start(segno),
-            seg_size: seg.bytes(),
-            system_id: state.system_id,
-            timeline: state.timeline,
-        };
         let sealed_path = crate::store::segment_path(wal_dir, state, segno, SEALED_SUFFIX);
         if seg.bytes() > IN_MEMORY_MAX && sealed_path.exists() {
             return Ok(LastXact::Unknown);
@@ -711,17 +705,18 @@ fn last_xact_end(wal_dir: &Path, state: &StoreState, from: Lsn) -> Result<LastXa
         // Through the reader, which checks that a `.partial` was not recycled by a running
         // follower while it was read (and then reads the sealed copy).
         let mut src = StoreSegment::new(&mut reader, segno);
-        let found = walcheck::scan(&mut src, expect, Some(state.flush_lsn)).with_context(|| {
-            let name = WalFileName::Segment {
-                timeline: state.timeline,
-                segno,
-            };
-            format!(
-                "read WAL segment {} in {}",
-                name.to_name(seg),
-                wal_dir.display()
-            )
-        })?;
+        let found = walcheck::scan(&mut src, state.segment_expect(segno), Some(state.flush_lsn))
+            .with_context(|| {
+                let name = WalFileName::Segment {
+                    timeline: state.timeline,
+                    segno,
+                };
+                format!(
+                    "read WAL segment {} in {}",
+                    name.to_name(seg),
+                    wal_dir.display()
+                )
+            })?;
         if src.missing {
             return Ok(LastXact::Unknown);
         }

@@ -92,6 +92,16 @@ pub struct StoreState {
 }
 
 impl StoreState {
+    /// What segment `segno` of this store must hold, for the record walker.
+    pub fn segment_expect(&self, segno: SegmentNo) -> walcheck::Expect {
+        walcheck::Expect {
+            start: self.seg_size.segment_start(segno),
+            seg_size: self.seg_size.bytes(),
+            system_id: self.system_id,
+            timeline: self.timeline,
+        }
+    }
+
     pub fn encode(&self) -> [u8; STATE_LEN] {
         let mut b = [0u8; STATE_LEN];
         b[0..8].copy_from_slice(&STATE_MAGIC);
@@ -232,13 +242,8 @@ fn wal_end_past(path: &Path, state: &StoreState) -> Result<Option<Lsn>, StoreErr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(DurableError::io("open", path, e).into()),
     };
-    let expect = walcheck::Expect {
-        start: state.seg_size.segment_start(segno),
-        seg_size: state.seg_size.bytes(),
-        system_id: state.system_id,
-        timeline: state.timeline,
-    };
-    let end = walcheck::valid_end(&file, expect).map_err(|e| DurableError::io("read", path, e))?;
+    let end = walcheck::valid_end(&file, state.segment_expect(segno))
+        .map_err(|e| DurableError::io("read", path, e))?;
     Ok(end.filter(|&end| end > state.flush_lsn))
 }
 
