@@ -162,21 +162,14 @@ pub async fn backup(cfg: BackupConfig) -> Result<BackupRecord> {
     let wal_dir = repo.join(WAL_DIR);
     // One backup at a time per repository: the lock is held until this function returns.
     let lock_path = backups.join(".lock");
-    let lock_file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("open {}", lock_path.display()))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| Fatal {
-            code: exit::STORE_LOCKED,
-            message: format!(
-                "another backup of {} is running (lock {} is held)",
-                repo.display(),
-                lock_path.display()
-            ),
-        })?;
+    let _lock = crate::store::try_lock_exclusive(&lock_path)?.ok_or_else(|| Fatal {
+        code: exit::STORE_LOCKED,
+        message: format!(
+            "another backup of {} is running (lock {} is held)",
+            repo.display(),
+            lock_path.display()
+        ),
+    })?;
     // Leftovers of an interrupted backup.
     for e in fs::read_dir(&backups)? {
         let p = e?.path();

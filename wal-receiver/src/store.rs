@@ -213,6 +213,18 @@ fn restarted_since_writer(dir: &Path) -> bool {
     }
 }
 
+/// Opens `path` (creating it) and takes an exclusive `flock` on it without waiting.
+/// `Ok(None)` when another open file holds a lock on it.
+pub fn try_lock_exclusive(path: &Path) -> Result<Option<Flock<File>>, DurableError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| DurableError::io("open", path, e))?;
+    Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock).ok())
+}
+
 /// Whether a writer holds the store's lock: `None` when that cannot be known (`LOCK` exists
 /// but cannot be opened). A missing `LOCK` means no writer.
 fn lock_holder(dir: &Path) -> Option<bool> {
@@ -288,12 +300,20 @@ fn lower_sealer_priority() {
     }
 }
 
+/// The file of segment `segno` of the store's timeline, with `suffix` (`.partial`, `.zst`).
 pub fn segment_path(dir: &Path, state: &StoreState, segno: SegmentNo, suffix: &str) -> PathBuf {
-    let name = WalFileName::Segment {
-        timeline: state.timeline,
-        segno,
-    }
-    .to_name(state.seg_size);
+    timeline_segment_path(dir, state.timeline, state.seg_size, segno, suffix)
+}
+
+/// The file of segment `segno` of `timeline` in the store in `dir`, with `suffix`.
+pub fn timeline_segment_path(
+    dir: &Path,
+    timeline: TimelineId,
+    seg_size: WalSegSize,
+    segno: SegmentNo,
+    suffix: &str,
+) -> PathBuf {
+    let name = WalFileName::Segment { timeline, segno }.to_name(seg_size);
     dir.join(format!("{name}{suffix}"))
 }
 
@@ -338,24 +358,17 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         fs::create_dir_all(dir).map_err(|e| DurableError::io("create directory", dir, e))?;
         let lock_path = dir.join(LOCK_FILE);
-        let mut lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| DurableError::io("open", &lock_path, e))?;
         // A reader (status, restore-wal) may hold a shared lock for a moment: wait a little
         // before calling the store taken.
         let mut tries = 0;
         let lock = loop {
-            match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => break lock,
-                Err((f, _)) if tries < 50 => {
-                    lock_file = f;
+            match try_lock_exclusive(&lock_path)? {
+                Some(lock) => break lock,
+                None if tries < 50 => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(_) => {
+                None => {
                     return Err(StoreError::Locked {
                         dir: dir.to_owned(),
                     })

@@ -16,7 +16,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use walship_common::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegSize};
+use walship_common::{Lsn, SegmentNo, TimelineId, WalSegSize};
 
 use crate::store::{PARTIAL_SUFFIX, SEALED_SUFFIX};
 use crate::{sealed, walcheck};
@@ -59,12 +59,7 @@ impl WalReader {
     }
 
     fn path(&self, segno: SegmentNo, suffix: &str) -> PathBuf {
-        let name = WalFileName::Segment {
-            timeline: self.timeline,
-            segno,
-        }
-        .to_name(self.seg_size);
-        self.dir.join(format!("{name}{suffix}"))
+        crate::store::timeline_segment_path(&self.dir, self.timeline, self.seg_size, segno, suffix)
     }
 
     /// Up to `max` bytes of WAL from `lsn`, never past `flush` (the store's persisted flush
