@@ -132,6 +132,19 @@ impl Header {
         }
         Ok(h)
     }
+
+    /// The header as sent: the layout [`Header::parse`] reads.
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..2].copy_from_slice(&MAGIC);
+        b[2] = self.kind;
+        b[3] = self.flags;
+        let words = [self.raw_len, self.wire_len, self.data_crc, self.frame_crc];
+        for (at, w) in (4..HEADER_LEN).step_by(4).zip(words) {
+            b[at..at + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
 }
 
 fn frame_crc(header16: &[u8], body: &[u8]) -> u32 {
@@ -186,15 +199,17 @@ impl FrameEncoder {
             out.truncate(start);
             return Err(FrameError::PayloadTooLarge(wire_len));
         }
+        let mut h = Header {
+            kind,
+            flags,
+            raw_len: payload.len() as u32,
+            wire_len: wire_len as u32,
+            data_crc: crc32fast::hash(payload),
+            frame_crc: 0,
+        };
         let (header, body) = out[start..].split_at_mut(HEADER_LEN);
-        header[0..2].copy_from_slice(&MAGIC);
-        header[2] = kind;
-        header[3] = flags;
-        header[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        header[8..12].copy_from_slice(&(wire_len as u32).to_le_bytes());
-        header[12..16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        let crc = frame_crc(&header[..16], body);
-        header[16..20].copy_from_slice(&crc.to_le_bytes());
+        h.frame_crc = frame_crc(&h.to_bytes()[..16], body);
+        header.copy_from_slice(&h.to_bytes());
         Ok(())
     }
 
@@ -576,6 +591,33 @@ mod tests {
         writer.await.unwrap();
         assert!(cancelled > 0, "no read was cancelled");
         assert_eq!(got, payloads);
+    }
+
+    #[test]
+    fn header_bytes_round_trip() {
+        let h = Header {
+            kind: 7,
+            flags: FLAG_COMPRESSED,
+            raw_len: 1000,
+            wire_len: 300,
+            data_crc: 0xdead_beef,
+            frame_crc: 0x0123_4567,
+        };
+        let b = h.to_bytes();
+        assert_eq!(b[0..2], MAGIC);
+        assert_eq!(b[16..20], 0x0123_4567u32.to_le_bytes());
+        let p = Header::parse(&b).unwrap();
+        assert_eq!(
+            (
+                p.kind,
+                p.flags,
+                p.raw_len,
+                p.wire_len,
+                p.data_crc,
+                p.frame_crc
+            ),
+            (7, FLAG_COMPRESSED, 1000, 300, 0xdead_beef, 0x0123_4567)
+        );
     }
 
     #[test]
