@@ -776,6 +776,34 @@ pub fn status_json(wal_dir: &Path) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&run(c)?)?)
 }
 
+/// The sender's side of a walship handshake, for fake senders: reads (and ignores) the
+/// receiver's `Hello`, then answers with `ServerInfo` for a primary of `system_id` on
+/// timeline 1 with 16 MiB segments, flushed up to `flush_lsn`.
+pub fn fake_server_info(
+    s: &mut TcpStream,
+    enc: &mut walship_common::frame::FrameEncoder,
+    system_id: u64,
+    flush_lsn: Lsn,
+    server_version: &str,
+) -> Result<()> {
+    use walship_common::protocol::{Message, PROTOCOL_VERSION};
+    let mut scratch = [0u8; 4096];
+    let _ = s.read(&mut scratch); // Hello
+    let mut out = Vec::new();
+    Message::ServerInfo {
+        version: PROTOCOL_VERSION,
+        system_id,
+        timeline: 1,
+        seg_size: 16 << 20,
+        flush_lsn,
+        server_version: server_version.into(),
+        in_recovery: false,
+    }
+    .encode(enc, &mut out)?;
+    s.write_all(&out)?;
+    Ok(())
+}
+
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -791,7 +819,7 @@ pub fn verify_wal(wal_dir: &Path, from: Lsn, scratch: &Path) -> Result<usize> {
         .as_str()
         .ok_or_else(|| anyhow!("flush_lsn"))?
         .parse()?;
-    verify_timeline(wal_dir, timeline, from, flush, scratch)
+    read_timeline(wal_dir, &st, timeline, from, flush, scratch)
 }
 
 /// Reads the store's WAL of timeline `tli` from `from` to `to` with `pg_waldump -t tli`:
@@ -805,7 +833,18 @@ pub fn verify_timeline(
     to: Lsn,
     scratch: &Path,
 ) -> Result<usize> {
-    let st = status_json(wal_dir)?;
+    read_timeline(wal_dir, &status_json(wal_dir)?, tli, from, to, scratch)
+}
+
+/// [`verify_timeline`], given the store's status (`st`).
+fn read_timeline(
+    wal_dir: &Path,
+    st: &serde_json::Value,
+    tli: TimelineId,
+    from: Lsn,
+    to: Lsn,
+    scratch: &Path,
+) -> Result<usize> {
     let seg = WalSegSize::new(st["segment_size"].as_u64().unwrap_or(0))
         .ok_or_else(|| anyhow!("segment size"))?;
     fs::create_dir_all(scratch)?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use walship_common::frame::FrameEncoder;
-use walship_common::protocol::{Message, PROTOCOL_VERSION};
+use walship_common::protocol::Message;
 use walship_common::Lsn;
 use walship_tests::*;
 
@@ -199,20 +199,9 @@ fn fake_snapshot_sender(listener: TcpListener, messages: Vec<Message>) -> Result
     let (mut s, _) = listener.accept()?;
     s.set_read_timeout(Some(Duration::from_millis(300)))?;
     let mut scratch = [0u8; 4096];
-    let _ = s.read(&mut scratch); // Hello
     let mut enc = FrameEncoder::new(1)?;
+    fake_server_info(&mut s, &mut enc, 4242, Lsn(0x300_0000), "15.0")?;
     let mut out = Vec::new();
-    Message::ServerInfo {
-        version: PROTOCOL_VERSION,
-        system_id: 4242,
-        timeline: 1,
-        seg_size: 16 << 20,
-        flush_lsn: Lsn(0x300_0000),
-        server_version: "15.0".into(),
-        in_recovery: false,
-    }
-    .encode(&mut enc, &mut out)?;
-    s.write_all(&out)?;
     while matches!(s.read(&mut scratch), Ok(n) if n > 0) {} // Have..., StartBackup
     for m in messages {
         out.clear();

@@ -407,7 +407,7 @@ fn receiver_stops_with_advice_when_the_primary_lost_its_wal() -> Result<()> {
 fn receiver_rejects_corrupt_truncated_and_oversized_frames() -> Result<()> {
     use std::io::{Read, Write};
     use walship_common::frame::FrameEncoder;
-    use walship_common::protocol::{Message, PROTOCOL_VERSION};
+    use walship_common::protocol::Message;
 
     let dir = TestDir::new("badframes");
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -420,20 +420,9 @@ fn receiver_rejects_corrupt_truncated_and_oversized_frames() -> Result<()> {
             let (mut s, _) = listener.accept()?;
             s.set_read_timeout(Some(Duration::from_millis(500)))?;
             let mut scratch = [0u8; 4096];
-            let _ = s.read(&mut scratch); // Hello
             let mut enc = FrameEncoder::new(1)?;
+            fake_server_info(&mut s, &mut enc, 42, Lsn(0x300_5000), "fake")?;
             let mut out = Vec::new();
-            Message::ServerInfo {
-                version: PROTOCOL_VERSION,
-                system_id: 42,
-                timeline: 1,
-                seg_size: 16 << 20,
-                flush_lsn: Lsn(0x300_5000),
-                server_version: "fake".into(),
-                in_recovery: false,
-            }
-            .encode(&mut enc, &mut out)?;
-            s.write_all(&out)?;
             let _ = s.read(&mut scratch); // StartStream, Ack
             out.clear();
             Message::WalData {
