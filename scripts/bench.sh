@@ -6,6 +6,10 @@
 # bytes on the wire.
 #
 # Streaming: walship vs pg_receivewal --synchronous, plus a baseline with no shipping.
+# Optional setups pg_receivewal_relay and pg_receivewal_relay_sync run pg_receivewal through
+# a plain byte relay (socat: TCP on loopback to the primary's socket), the shape of walship's
+# path without its work: what any relay process next to the primary costs. The relay's CPU
+# is reported where walship's sender's is.
 #
 # For each setup it runs `pgbench -c 4 -T $BENCH_SECONDS` and reports:
 #   - primary TPS;
@@ -30,7 +34,8 @@
 #
 # Environment: BENCH_PARTS ("bootstrap streaming replay catchup restore"), BENCH_SCALE (pgbench scale, default 50), BENCH_SECONDS (default 60),
 # BENCH_RUNS (default 3), BENCH_OUT (default bench-results.json), BENCH_SETUPS (default
-# "none pg_receivewal walship"), BENCH_ZSTD_LEVEL (the sender's --zstd-level, default 1),
+# "none pg_receivewal walship pg_receivewal_sync walship_sync"; pg_receivewal_relay and
+# pg_receivewal_relay_sync add the relay baseline), BENCH_ZSTD_LEVEL (the sender's --zstd-level, default 1),
 # BENCH_KEEP=1 keeps the temporary directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -190,19 +195,29 @@ sample() {
 }
 
 run_one() {  # setup run -> prints a JSON object
-    local setup=$1 run=$2 app="bench_${1}_$2" dir="$WORK/$1-$2" recv_pid="" sampler=""
+    local setup=$1 run=$2 app="bench_${1}_$2" dir="$WORK/$1-$2" recv_pid="" sampler="" relay_pid=""
     mkdir -p "$dir"
     case $setup in
         walship|walship_sync)
             RUST_LOG=${BENCH_RECEIVER_LOG:-info} "$BIN/wal-receiver" follow --sender "127.0.0.1:$SENDER_PORT" --name "$app" --wal-dir "$dir/wal" > "$dir/receiver.log" 2>&1 &
             recv_pid=$!
             ;;
-        pg_receivewal|pg_receivewal_sync)
+        pg_receivewal|pg_receivewal_sync|pg_receivewal_relay|pg_receivewal_relay_sync)
             psql_ "SELECT pg_create_physical_replication_slot('$app', true)" >/dev/null
-            "$PG_BIN/pg_receivewal" -d "$CONN application_name=$app" -S "$app" --synchronous -D "$dir" -n > "$dir/receiver.log" 2>&1 &
+            local conn=$CONN
+            if [[ $setup == pg_receivewal_relay* ]]; then
+                # One connection, relayed byte for byte; nodelay as libpq sets it.
+                local port=$(( 20000 + RANDOM % 20000 ))
+                socat "TCP-LISTEN:$port,bind=127.0.0.1,reuseaddr,nodelay" "UNIX-CONNECT:$WORK/sock/.s.PGSQL.5432" > "$dir/relay.log" 2>&1 &
+                relay_pid=$!; PIDS+=("$relay_pid")
+                for _ in $(seq 50); do ss -Hltn "sport = :$port" | grep -q . && break; sleep 0.1; done
+                conn="host=127.0.0.1 port=$port user=postgres dbname=postgres"
+            fi
+            "$PG_BIN/pg_receivewal" -d "$conn application_name=$app" -S "$app" --synchronous -D "$dir" -n > "$dir/receiver.log" 2>&1 &
             recv_pid=$!
             ;;
     esac
+    [[ $setup == walship* ]] && relay_pid=$SENDER_PID
     if [ -n "$recv_pid" ]; then
         PIDS+=("$recv_pid")
         for _ in $(seq 100); do
@@ -232,13 +247,14 @@ run_one() {  # setup run -> prints a JSON object
     # Sampled only while the load runs: pg_stat_replication keeps the last lag it measured,
     # so samples taken before would repeat the catch-up's.
     [ -n "$recv_pid" ] && { sample "$app" "$dir/samples" & sampler=$!; }
-    # CPU seconds of the receiver and of wal-sender during the load.
-    local r0=0 s0; s0=$(cpu_ticks "$SENDER_PID")
+    # CPU seconds of the receiver and of the relay (wal-sender, or socat) during the load.
+    local r0=0 s0=0
+    [ -n "$relay_pid" ] && s0=$(cpu_ticks "$relay_pid")
     [ -n "$recv_pid" ] && r0=$(cpu_ticks "$recv_pid")
     "$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" "$CONN" > "$dir/pgbench.out" 2>/dev/null || true
     local recv_cpu=null sender_cpu=null
     [ -n "$recv_pid" ] && recv_cpu=$(awk -v a="$r0" -v b="$(cpu_ticks "$recv_pid")" -v t="$TICKS" 'BEGIN {printf "%.2f", (b - a) / t}')
-    [[ $setup == walship* ]] && sender_cpu=$(awk -v a="$s0" -v b="$(cpu_ticks "$SENDER_PID")" -v t="$TICKS" 'BEGIN {printf "%.2f", (b - a) / t}')
+    [ -n "$relay_pid" ] && sender_cpu=$(awk -v a="$s0" -v b="$(cpu_ticks "$relay_pid")" -v t="$TICKS" 'BEGIN {printf "%.2f", (b - a) / t}')
     tps=$(awk '/^tps/ {print $3; exit}' "$dir/pgbench.out")
     latency=$(awk '/^latency average/ {print $4; exit}' "$dir/pgbench.out")
     if [[ $setup == *_sync ]]; then
@@ -253,6 +269,7 @@ run_one() {  # setup run -> prints a JSON object
         lag_ms_p50=$(pct 50 "$dir/ms"); lag_ms_p99=$(pct 99 "$dir/ms")
         lag_b_p50=$(pct 50 "$dir/bytes"); lag_b_p99=$(pct 99 "$dir/bytes")
         kill "$recv_pid" 2>/dev/null; wait "$recv_pid" 2>/dev/null || true
+        [[ $setup == pg_receivewal_relay* ]] && { kill "$relay_pid" 2>/dev/null; wait "$relay_pid" 2>/dev/null || true; }
         if [[ $setup == walship* ]]; then
             local st; st=$("$BIN/wal-receiver" status --json --wal-dir "$dir/wal")
             raw=$(printf '%s' "$st" | sed -E 's/.*"raw_bytes":([0-9]+).*/\1/')
@@ -269,6 +286,17 @@ RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
 read -r -a SETUPS <<< "${BENCH_SETUPS:-none pg_receivewal walship pg_receivewal_sync walship_sync}"
 [[ " $PARTS " == *" streaming "* ]] || SETUPS=()
+if [[ " ${SETUPS[*]} " == *" pg_receivewal_relay"* ]] && ! command -v socat >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        say "streaming: installing socat for the relay baseline"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat >/dev/null 2>&1 || true
+    fi
+    if ! command -v socat >/dev/null 2>&1; then
+        say "streaming: no socat (installing it needs root): skipping the relay baseline"
+        kept=(); for s in "${SETUPS[@]}"; do [[ $s == pg_receivewal_relay* ]] || kept+=("$s"); done
+        SETUPS=("${kept[@]}")
+    fi
+fi
 for run in $(seq "$RUNS"); do
     (( ${#SETUPS[@]} )) || break
     # Alternate the order between runs so no setup always runs on a warmer cache.
@@ -608,13 +636,28 @@ FIELDS=(tps latency_ms flush_lag_ms_p50 flush_lag_ms_p99 flush_lag_bytes_p50 flu
     done
     raw=$(median_of walship raw_bytes); wire=$(median_of walship wire_bytes)
     awk -v r="$raw" -v w="$wire" 'BEGIN { if (r != "null" && r > 0) printf "\nwalship wire bytes / raw WAL bytes: %.1f%%\n", 100 * w / r }'
-    if grep -q '_sync"' "$RESULTS"; then
+    if grep -qE '"setup":"(pg_receivewal|walship)_sync"' "$RESULTS"; then
         printf '\nSynchronous (synchronous_standby_names names the receiver), median of %s runs\n\n' "$RUNS"
         printf '%-22s %18s %14s %12s\n' metric pg_receivewal_sync walship_sync "walship/pgrw"
         for f in tps latency_ms; do
             b=$(median_of pg_receivewal_sync "$f"); c=$(median_of walship_sync "$f")
             ratio=$(ratio "$b" "$c")
             printf '%-22s %18s %14s %12s\n' "$f" "$b" "$c" "$ratio"
+        done
+    fi
+    if grep -q '"setup":"pg_receivewal_relay' "$RESULTS"; then
+        printf '\nRelay baseline: pg_receivewal through a byte relay (socat), median of %s runs.\n' "$RUNS"
+        printf 'CPU per transaction (us) of the receiver and of the relay (for walship: wal-sender),\n'
+        printf 'from the median CPU seconds and TPS; tps/pgrw against pg_receivewal connected directly.\n\n'
+        printf '%-26s %10s %11s %11s %11s %9s\n' setup tps latency_ms recv_us/tx relay_us/tx tps/pgrw
+        for s in pg_receivewal pg_receivewal_relay walship pg_receivewal_sync pg_receivewal_relay_sync walship_sync; do
+            grep -q "\"setup\":\"$s\"" "$RESULTS" || continue
+            base=pg_receivewal; [[ $s == *_sync ]] && base=pg_receivewal_sync
+            t=$(median_of "$s" tps)
+            per_tx() { awk -v c="$1" -v t="$t" -v n="$SECONDS_PER_RUN" 'BEGIN { if (c == "null" || t == "null" || t == 0) print "-"; else printf "%.0f", c * 1e6 / (t * n) }'; }
+            printf '%-26s %10.1f %11s %11s %11s %9s\n' "$s" "$t" "$(median_of "$s" latency_ms)" \
+                "$(per_tx "$(median_of "$s" receiver_cpu_s)")" "$(per_tx "$(median_of "$s" sender_cpu_s)")" \
+                "$(ratio "$(median_of "$base" tps)" "$t")"
         done
     fi
 } | tee "$WORK/table.txt"
