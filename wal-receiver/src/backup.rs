@@ -673,15 +673,17 @@ enum LastXact {
     At(walcheck::XactEnd),
     /// No transaction ends between the start and the end of the archive.
     None,
-    /// Not found out: a segment is not on the store's current timeline, or too large to
-    /// read into memory.
+    /// Not found out: a segment is not on the store's current timeline, or a sealed
+    /// segment is larger than 64 MiB.
     Unknown,
 }
 
 /// The last transaction end in the archive at or after `from`, searched from the flush
 /// position backwards a segment at a time.
 fn last_xact_end(wal_dir: &Path, state: &StoreState, from: Lsn) -> Result<LastXact> {
-    /// Sealed segments are decompressed into memory up to this size (16 MiB by default).
+    /// Larger sealed segments are not searched (the answer is `Unknown`): the search may
+    /// walk back through many of them, and `WalReader` reads each of those only as a
+    /// stream, after a whole pass to check its checksum.
     const IN_MEMORY_MAX: u64 = 64 << 20;
     let seg = state.seg_size;
     if state.flush_lsn <= from {

@@ -19,6 +19,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -33,42 +34,71 @@ const HEADER_LEN: usize = 32;
 /// zstd level for WAL at rest.
 const SEAL_LEVEL: i32 = 3;
 
-/// Seals the complete `.partial` of `segno`, then removes the `.partial`.
+/// Bytes read from a `.partial` at a time while sealing: the sealer's memory does not grow
+/// with the segment size (up to 1 GiB).
+const SEAL_CHUNK: usize = 1 << 20;
+
+/// Seals the complete `.partial` of `segno`, then removes the `.partial`. The segment is
+/// read in chunks and compressed as a stream.
 pub fn seal_segment(dir: &Path, state: &StoreState, segno: SegmentNo) -> Result<()> {
     let partial = segment_path(dir, state, segno, PARTIAL_SUFFIX);
     let sealed = segment_path(dir, state, segno, SEALED_SUFFIX);
     let seg_len = state.seg_size.bytes();
-    let data = std::fs::read(&partial).with_context(|| format!("read {}", partial.display()))?;
-    if data.len() as u64 != seg_len {
-        bail!(
-            "{} has {} bytes, expected {seg_len}",
-            partial.display(),
-            data.len()
-        );
+    let src = File::open(&partial).with_context(|| format!("open {}", partial.display()))?;
+    let len = src
+        .metadata()
+        .with_context(|| format!("stat {}", partial.display()))?
+        .len();
+    if len != seg_len {
+        bail!("{} has {len} bytes, expected {seg_len}", partial.display());
     }
-    let crc = crc32c::crc32c(&data);
     if sealed.exists() {
-        let mut existing = Vec::with_capacity(data.len());
-        let existing_crc = read_sealed(&sealed, seg_len, &mut existing)
-            .with_context(|| format!("verify existing sealed segment {}", sealed.display()))?;
-        if existing_crc != crc || existing != data {
-            bail!(
+        // Sealed before (a crash came between sealing and recycling): accepted only if
+        // it holds exactly these bytes. read_sealed checks its own checksum too.
+        let mut same = SameAs {
+            file: &src,
+            offset: 0,
+        };
+        read_sealed(&sealed, seg_len, &mut same).with_context(|| {
+            format!(
                 "sealed segment {} already exists with different content than the WAL received; refusing to overwrite it",
                 sealed.display()
-            );
-        }
+            )
+        })?;
     } else {
         let tmp = durable::temp_path(&sealed);
-        let mut f = OpenOptions::new()
+        let f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&tmp)
             .with_context(|| format!("create {}", tmp.display()))?;
-        f.write_all(&header(seg_len, crc))
+        // The header records the checksum of the whole segment: it is written last, in
+        // the room left for it here.
+        let mut out = io::BufWriter::new(&f);
+        out.write_all(&[0u8; HEADER_LEN])
             .with_context(|| format!("write {}", tmp.display()))?;
-        let compressed = zstd::bulk::compress(&data, SEAL_LEVEL).context("compress segment")?;
-        f.write_all(&compressed)
+        let mut enc =
+            zstd::stream::write::Encoder::new(out, SEAL_LEVEL).context("start compression")?;
+        enc.set_pledged_src_size(Some(seg_len))
+            .context("configure compression")?;
+        enc.include_contentsize(true)
+            .context("configure compression")?;
+        let mut buf = vec![0u8; SEAL_CHUNK];
+        let (mut crc, mut offset) = (0u32, 0u64);
+        while offset < seg_len {
+            let n = SEAL_CHUNK.min((seg_len - offset) as usize);
+            src.read_exact_at(&mut buf[..n], offset)
+                .with_context(|| format!("read {}", partial.display()))?;
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            enc.write_all(&buf[..n])
+                .with_context(|| format!("write {}", tmp.display()))?;
+            offset += n as u64;
+        }
+        enc.finish()
+            .and_then(|mut out| out.flush())
+            .with_context(|| format!("write {}", tmp.display()))?;
+        f.write_all_at(&header(seg_len, crc), 0)
             .with_context(|| format!("write {}", tmp.display()))?;
         durable::fsync_file(&f, &tmp)?;
         drop(f);
@@ -77,6 +107,30 @@ pub fn seal_segment(dir: &Path, state: &StoreState, segno: SegmentNo) -> Result<
     recycle(dir, state, segno, &partial)?;
     tracing::debug!(segment = %sealed.display(), "sealed");
     Ok(())
+}
+
+/// A writer that accepts only the bytes `file` holds at the same offsets.
+struct SameAs<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl Write for SameAs<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut here = vec![0u8; buf.len()];
+        self.file.read_exact_at(&mut here, self.offset)?;
+        if here != buf {
+            return Err(io::Error::other(format!(
+                "the bytes at offset {} differ",
+                self.offset
+            )));
+        }
+        self.offset += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// How far ahead a sealed segment's file may be recycled.
@@ -128,10 +182,10 @@ fn header(seg_len: u64, crc: u32) -> [u8; HEADER_LEN] {
     h
 }
 
-/// Decompresses a sealed segment into `out`, checking its length against `seg_len` and its
-/// checksum. Returns the checksum. Never writes more than `seg_len` bytes; on any error the
-/// bytes already written to `out` must be discarded by the caller.
-pub fn read_sealed(path: &Path, seg_len: u64, out: &mut impl Write) -> Result<u32> {
+/// A sealed segment's content as a stream, after its header is checked: the decoder, and
+/// the checksum the header records. The caller must check that checksum before it uses a
+/// byte (as [`read_sealed`] does) or have checked it on an earlier pass.
+pub fn open_sealed(path: &Path, seg_len: u64) -> Result<(SealedReader, u32)> {
     let f = File::open(path).with_context(|| format!("open {}", path.display()))?;
     let mut r = BufReader::new(f);
     let mut h = [0u8; HEADER_LEN];
@@ -151,9 +205,19 @@ pub fn read_sealed(path: &Path, seg_len: u64, out: &mut impl Write) -> Result<u3
             path.display()
         );
     }
-    let want_crc = word(24);
     let mut dec = zstd::stream::read::Decoder::with_buffer(r).context("start decompression")?;
     dec.window_log_max(27).context("configure decompression")?;
+    Ok((dec, word(24)))
+}
+
+/// A sealed segment's decompressed content (see [`open_sealed`]).
+pub type SealedReader = zstd::stream::read::Decoder<'static, BufReader<File>>;
+
+/// Decompresses a sealed segment into `out`, checking its length against `seg_len` and its
+/// checksum. Returns the checksum. Never writes more than `seg_len` bytes; on any error the
+/// bytes already written to `out` must be discarded by the caller.
+pub fn read_sealed(path: &Path, seg_len: u64, out: &mut impl Write) -> Result<u32> {
+    let (mut dec, want_crc) = open_sealed(path, seg_len)?;
     let mut hashing = CrcWriter {
         inner: out,
         crc: 0,
@@ -189,5 +253,66 @@ impl<W: Write> Write for CrcWriter<'_, W> {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use walship_common::{Lsn, TimelineId, WalSegSize};
+
+    pub(crate) fn state_1m() -> StoreState {
+        StoreState {
+            system_id: 1,
+            timeline: TimelineId(1),
+            seg_size: WalSegSize::new(1 << 20).unwrap(),
+            pg_version: 15,
+            flush_lsn: Lsn(3 << 20),
+            raw_bytes: 0,
+            wire_bytes: 0,
+        }
+    }
+
+    /// A megabyte that compresses, but not to nothing.
+    pub(crate) fn segment_bytes(seed: u32) -> Vec<u8> {
+        (0..1u32 << 20)
+            .map(|i| ((i / 7).wrapping_mul(2654435761).wrapping_add(seed) >> 24) as u8 & 0x3f)
+            .collect()
+    }
+
+    #[test]
+    fn sealing_streams_and_refuses_other_content() {
+        let dir = std::env::temp_dir().join(format!("walship-sealed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = state_1m();
+        let seg_len = state.seg_size.bytes();
+        let partial = segment_path(&dir, &state, SegmentNo(1), PARTIAL_SUFFIX);
+        let sealed = segment_path(&dir, &state, SegmentNo(1), SEALED_SUFFIX);
+        let data = segment_bytes(1);
+        std::fs::write(&partial, &data).unwrap();
+        seal_segment(&dir, &state, SegmentNo(1)).unwrap();
+        assert!(!partial.exists(), "the .partial was not recycled");
+        let mut back = Vec::new();
+        let crc = read_sealed(&sealed, seg_len, &mut back).unwrap();
+        assert_eq!(back, data);
+        assert_eq!(crc, crc32c::crc32c(&data));
+        let on_disk = std::fs::read(&sealed).unwrap();
+        assert!(on_disk.len() < data.len() / 2, "not compressed");
+
+        // The same bytes again (a crash between sealing and recycling): accepted.
+        std::fs::write(&partial, &data).unwrap();
+        seal_segment(&dir, &state, SegmentNo(1)).unwrap();
+        // Other bytes, even one: refused, and the sealed file stays as it was.
+        let mut other = data.clone();
+        other[700_000] ^= 1;
+        std::fs::write(&partial, &other).unwrap();
+        let e = seal_segment(&dir, &state, SegmentNo(1)).unwrap_err();
+        assert!(format!("{e:#}").contains("different content"), "{e:#}");
+        assert_eq!(std::fs::read(&sealed).unwrap(), on_disk);
+        // A short .partial is not sealed.
+        std::fs::write(&partial, &data[..1000]).unwrap();
+        assert!(seal_segment(&dir, &state, SegmentNo(1)).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -11,7 +11,7 @@
 //! sealed copy.
 
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -40,12 +40,32 @@ pub fn read_partial(path: &Path, offset: u64, len: usize) -> io::Result<Option<V
     }
 }
 
-/// Reads WAL of one timeline from a store, keeping the last sealed segment it decompressed.
+/// Sealed segments up to this size are decompressed whole and kept for the reads that
+/// follow; larger ones (segments may be up to 1 GiB) are read as a stream, so that memory
+/// does not grow with the segment size.
+const WHOLE_MAX: u64 = 64 << 20;
+
+/// The sealed segment a reader read last.
+enum SealedCache {
+    Whole(SegmentNo, Vec<u8>),
+    /// Positioned at `pos`; the segment's checksum was checked on a pass before.
+    Stream {
+        segno: SegmentNo,
+        dec: Box<sealed::SealedReader>,
+        pos: u64,
+    },
+}
+
+/// Reads WAL of one timeline from a store, keeping the last sealed segment it decompressed
+/// (or, for large segments, a stream positioned in it).
 pub struct WalReader {
     dir: PathBuf,
     timeline: TimelineId,
     seg_size: WalSegSize,
-    sealed: Option<(SegmentNo, Vec<u8>)>,
+    sealed: Option<SealedCache>,
+    /// The large sealed segment whose checksum was last checked.
+    verified: Option<SegmentNo>,
+    whole_max: u64,
 }
 
 impl WalReader {
@@ -55,6 +75,8 @@ impl WalReader {
             timeline,
             seg_size,
             sealed: None,
+            verified: None,
+            whole_max: WHOLE_MAX,
         }
     }
 
@@ -75,10 +97,14 @@ impl WalReader {
         if len == 0 {
             return Ok(Some(Vec::new()));
         }
-        if let Some((cached, bytes)) = &self.sealed {
-            if *cached == segno {
+        match &self.sealed {
+            Some(SealedCache::Whole(cached, bytes)) if *cached == segno => {
                 return Ok(Some(bytes[offset as usize..offset as usize + len].to_vec()));
             }
+            Some(SealedCache::Stream { segno: s, pos, .. }) if *s == segno && *pos <= offset => {
+                return self.read_stream(offset, len).map(Some);
+            }
+            _ => {}
         }
         let partial = self.path(segno, PARTIAL_SUFFIX);
         if let Some(bytes) = read_partial(&partial, offset, len)
@@ -90,11 +116,49 @@ impl WalReader {
         if !sealed_path.exists() {
             return Ok(None);
         }
-        let mut whole = Vec::with_capacity(self.seg_size.bytes() as usize);
-        sealed::read_sealed(&sealed_path, self.seg_size.bytes(), &mut whole)?;
+        let seg_len = self.seg_size.bytes();
+        if seg_len > self.whole_max {
+            // Checked whole on a first pass, read on a second: no byte is used before the
+            // checksum is. Sealed files are never rewritten with other content.
+            if self.verified != Some(segno) {
+                self.sealed = None;
+                sealed::read_sealed(&sealed_path, seg_len, &mut io::sink())?;
+                self.verified = Some(segno);
+            }
+            let (dec, _) = sealed::open_sealed(&sealed_path, seg_len)?;
+            self.sealed = Some(SealedCache::Stream {
+                segno,
+                dec: Box::new(dec),
+                pos: 0,
+            });
+            return self.read_stream(offset, len).map(Some);
+        }
+        let mut whole = Vec::with_capacity(seg_len as usize);
+        sealed::read_sealed(&sealed_path, seg_len, &mut whole)?;
         let out = whole[offset as usize..offset as usize + len].to_vec();
-        self.sealed = Some((segno, whole));
+        self.sealed = Some(SealedCache::Whole(segno, whole));
         Ok(Some(out))
+    }
+
+    /// `len` bytes at `offset` from the stream in `self.sealed`, which is at or before it.
+    fn read_stream(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let Some(SealedCache::Stream { dec, pos, .. }) = &mut self.sealed else {
+            unreachable!("read_stream without a stream");
+        };
+        let read = (|| -> io::Result<Vec<u8>> {
+            let skip = offset - *pos;
+            if io::copy(&mut (&mut **dec).take(skip), &mut io::sink())? != skip {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let mut out = vec![0u8; len];
+            dec.read_exact(&mut out)?;
+            *pos = offset + len as u64;
+            Ok(out)
+        })();
+        if read.is_err() {
+            self.sealed = None;
+        }
+        read.context("read a sealed segment")
     }
 }
 
@@ -136,5 +200,65 @@ impl walcheck::SegmentSource for StoreSegment<'_> {
             }
             Err(e) => Err(io::Error::other(format!("{e:#}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sealed::tests::{segment_bytes, state_1m};
+    use crate::store::segment_path;
+
+    /// Reads a sealed segment whole (`whole_max` above it) and as a stream (below it):
+    /// forwards, backwards, and across a corrupt copy.
+    #[test]
+    fn sealed_segments_read_whole_or_streamed() {
+        let dir = std::env::temp_dir().join(format!("walship-walread-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let state = state_1m();
+        let data = segment_bytes(2);
+        fs::write(
+            segment_path(&dir, &state, SegmentNo(1), PARTIAL_SUFFIX),
+            &data,
+        )
+        .unwrap();
+        sealed::seal_segment(&dir, &state, SegmentNo(1)).unwrap();
+        let start = state.seg_size.segment_start(SegmentNo(1)).0;
+        let flush = Lsn(start + (1 << 20));
+        for whole_max in [WHOLE_MAX, 0] {
+            let mut r = WalReader::new(&dir, state.timeline, state.seg_size);
+            r.whole_max = whole_max;
+            for &(off, len) in &[
+                (0u64, 8192usize),
+                (8192, 100_000),
+                (500_000, 4096),
+                (4096, 8192),
+            ] {
+                let got = r.read(Lsn(start + off), len, flush).unwrap().unwrap();
+                assert_eq!(
+                    got,
+                    &data[off as usize..off as usize + len],
+                    "at {off}, whole_max {whole_max}"
+                );
+            }
+            let streamed = matches!(r.sealed, Some(SealedCache::Stream { .. }));
+            assert_eq!(streamed, whole_max == 0);
+        }
+        // A damaged sealed file: its checksum is checked before any byte is returned.
+        let sealed_path = segment_path(&dir, &state, SegmentNo(1), SEALED_SUFFIX);
+        let mut bytes = fs::read(&sealed_path).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x10;
+        fs::write(&sealed_path, &bytes).unwrap();
+        for whole_max in [WHOLE_MAX, 0] {
+            let mut r = WalReader::new(&dir, state.timeline, state.seg_size);
+            r.whole_max = whole_max;
+            assert!(
+                r.read(Lsn(start), 8192, flush).is_err(),
+                "whole_max {whole_max}"
+            );
+        }
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
