@@ -823,19 +823,25 @@ impl Store {
         let segno = state.seg_size.segment_of(switch_lsn);
         if offset != 0 {
             let old = segment_path(&self.dir, &state, segno, PARTIAL_SUFFIX);
-            let mut head = vec![0u8; offset as usize];
-            File::open(&old)
-                .and_then(|f| f.read_exact_at(&mut head, 0))
-                .map_err(|e| DurableError::io("read", &old, e))?;
+            let src = File::open(&old).map_err(|e| DurableError::io("open", &old, e))?;
             let new_state = StoreState {
                 timeline: next,
                 ..state.clone()
             };
             self.open_segment(&new_state, segno)?;
             let cur = self.current.as_ref().expect("segment just opened");
-            cur.file
-                .write_all_at(&head, 0)
-                .map_err(|e| DurableError::io("write", &cur.path, e))?;
+            // A MiB at a time: segments may be up to 1 GiB.
+            let mut buf = vec![0u8; (1 << 20).min(offset as usize)];
+            let mut at = 0u64;
+            while at < offset {
+                let n = buf.len().min((offset - at) as usize);
+                src.read_exact_at(&mut buf[..n], at)
+                    .map_err(|e| DurableError::io("read", &old, e))?;
+                cur.file
+                    .write_all_at(&buf[..n], at)
+                    .map_err(|e| DurableError::io("write", &cur.path, e))?;
+                at += n as u64;
+            }
             durable::fdatasync_file(&cur.file, &cur.path)?;
         }
         durable::fsync_dir(&self.dir)?;
@@ -998,6 +1004,29 @@ mod tests {
         assert_eq!(st.state().unwrap().timeline, TimelineId(2));
         drop(st);
         assert!(name(1).exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn timeline_switch_copies_a_head_of_several_chunks() {
+        let dir = tmpdir("switchbig");
+        let seg = WalSegSize::new(4 << 20).unwrap();
+        let mut st = Store::open(&dir).unwrap();
+        st.init(42, TimelineId(1), seg, 15, Lsn(4 << 20)).unwrap();
+        // 2.5 MiB into the segment: the head is copied in three pieces.
+        let data: Vec<u8> = (0..5u32 << 19).map(|i| (i % 251) as u8).collect();
+        st.write(Lsn(4 << 20), &data, 10).unwrap();
+        let switch = st.flush().unwrap();
+        st.save_history(TimelineId(2), b"1\t0/680000\tr\n").unwrap();
+        st.switch_timeline(TimelineId(2), switch).unwrap();
+        st.close().unwrap();
+        let new = WalFileName::Segment {
+            timeline: TimelineId(2),
+            segno: SegmentNo(1),
+        }
+        .to_name(seg);
+        let new = fs::read(dir.join(format!("{new}{PARTIAL_SUFFIX}"))).unwrap();
+        assert_eq!(&new[..data.len()], &data[..]);
         fs::remove_dir_all(&dir).unwrap();
     }
 
