@@ -681,10 +681,6 @@ enum LastXact {
 /// The last transaction end in the archive at or after `from`, searched from the flush
 /// position backwards a segment at a time.
 fn last_xact_end(wal_dir: &Path, state: &StoreState, from: Lsn) -> Result<LastXact> {
-    /// Larger sealed segments are not searched (the answer is `Unknown`): the search may
-    /// walk back through many of them, and `WalReader` reads each of those only as a
-    /// stream, after a whole pass to check its checksum.
-    const IN_MEMORY_MAX: u64 = 64 << 20;
     let seg = state.seg_size;
     if state.flush_lsn <= from {
         return Ok(LastXact::None);
@@ -694,7 +690,10 @@ fn last_xact_end(wal_dir: &Path, state: &StoreState, from: Lsn) -> Result<LastXa
     let mut reader = WalReader::new(wal_dir, state.timeline, seg);
     loop {
         let sealed_path = crate::store::segment_path(wal_dir, state, segno, SEALED_SUFFIX);
-        if seg.bytes() > IN_MEMORY_MAX && sealed_path.exists() {
+        // Sealed segments `WalReader` does not keep whole are not searched (the answer is
+        // `Unknown`): the search may walk back through many, and each would be read twice,
+        // once to check its checksum and once as a stream.
+        if seg.bytes() > crate::walread::WHOLE_MAX && sealed_path.exists() {
             return Ok(LastXact::Unknown);
         }
         // Through the reader, which checks that a `.partial` was not recycled by a running

@@ -84,16 +84,21 @@ pub fn seal_segment(dir: &Path, state: &StoreState, segno: SegmentNo) -> Result<
             .context("configure compression")?;
         enc.include_contentsize(true)
             .context("configure compression")?;
-        let mut buf = vec![0u8; SEAL_CHUNK];
-        let (mut crc, mut offset) = (0u32, 0u64);
-        while offset < seg_len {
-            let n = SEAL_CHUNK.min((seg_len - offset) as usize);
-            src.read_exact_at(&mut buf[..n], offset)
-                .with_context(|| format!("read {}", partial.display()))?;
-            crc = crc32c::crc32c_append(crc, &buf[..n]);
-            enc.write_all(&buf[..n])
-                .with_context(|| format!("write {}", tmp.display()))?;
-            offset += n as u64;
+        let mut hashing = CrcWriter {
+            inner: &mut enc,
+            crc: 0,
+            len: 0,
+        };
+        let mut chunks = BufReader::with_capacity(SEAL_CHUNK, (&src).take(seg_len));
+        io::copy(&mut chunks, &mut hashing)
+            .with_context(|| format!("compress {} into {}", partial.display(), tmp.display()))?;
+        let crc = hashing.crc;
+        if hashing.len != seg_len {
+            bail!(
+                "{} ended after {} bytes, expected {seg_len}",
+                partial.display(),
+                hashing.len
+            );
         }
         enc.finish()
             .and_then(|mut out| out.flush())

@@ -43,7 +43,7 @@ pub fn read_partial(path: &Path, offset: u64, len: usize) -> io::Result<Option<V
 /// Sealed segments up to this size are decompressed whole and kept for the reads that
 /// follow; larger ones (segments may be up to 1 GiB) are read as a stream, so that memory
 /// does not grow with the segment size.
-const WHOLE_MAX: u64 = 64 << 20;
+pub const WHOLE_MAX: u64 = 64 << 20;
 
 /// The sealed segment a reader read last.
 enum SealedCache {
