@@ -132,6 +132,8 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
         &["--target-time", &between_time, "--target-action", "promote"],
     )?;
     assert_eq!(rows(&at_time)?, "t1", "restore to {between_time}");
+    // A target is reached by archive recovery, which takes the target action itself.
+    assert!(!at_time.log_text().contains("promote trigger file found"));
     drop(at_time);
     let at_lsn = restore_and_start(
         &dir,
@@ -167,6 +169,24 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
         "no segment came through restore_command"
     );
     assert!(!at_end.data.join("pg_wal/.walship-prefetch").exists());
+    // Without a target the server replayed as a standby and promoted itself at the end of
+    // the archive: restore_command armed the trigger file, which PostgreSQL consumed.
+    assert!(
+        at_end
+            .log_text()
+            .contains("promote trigger file found: pg_wal/walship.promote"),
+        "the restored server did not promote through the trigger file"
+    );
+    for left in [
+        "pg_wal/walship.promote.armed",
+        "pg_wal/walship.promote",
+        "standby.signal",
+    ] {
+        assert!(
+            !at_end.data.join(left).exists(),
+            "{left} is left after promotion"
+        );
+    }
     drop(at_end);
 
     // Targets no backup plus archive reaches are refused, and nothing is written.

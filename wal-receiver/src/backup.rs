@@ -1057,7 +1057,19 @@ fn copy_packed(dir: &Path, f: &FileRecord, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// Recovery settings: restore_command from the repository, the target, recovery.signal.
+/// The PostgreSQL major versions whose standbys honour `promote_trigger_file` (PostgreSQL 16
+/// removed it).
+const TRIGGER_FILE_MAJORS: std::ops::RangeInclusive<u32> = 12..=15;
+
+/// Recovery settings: restore_command from the repository, the target, and the signal file.
+///
+/// With a target, `recovery.signal`: archive recovery stops at the target and takes the
+/// target action. Without one, on PostgreSQL 12 to 15, the server replays as a standby
+/// (`standby.signal`) and promotes itself once it has replayed the end of the archive:
+/// restore_command arms `promote_trigger_file` when it is asked for the last segment (see
+/// [`crate::restore::restore_wal`]). A promoted standby writes an end-of-recovery record and
+/// checkpoints in the background, so it accepts writes without waiting for the checkpoint
+/// that ends archive recovery (a write of every page replay dirtied).
 fn write_recovery(pgdata: &Path, wal_dir: &Path, restore_bin: &Path, t: &Target) -> Result<()> {
     let auto = pgdata.join("postgresql.auto.conf");
     let mut conf = fs::read_to_string(&auto).unwrap_or_default();
@@ -1065,13 +1077,30 @@ fn write_recovery(pgdata: &Path, wal_dir: &Path, restore_bin: &Path, t: &Target)
         conf.push('\n');
     }
     let q = |s: &str| s.replace('\'', "''");
+    let untargeted = t.time.is_none() && t.lsn.is_none() && t.xid.is_none() && t.name.is_none();
+    let major = fs::read_to_string(pgdata.join("PG_VERSION"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    let promote_at_end = untargeted && major.is_some_and(|m| TRIGGER_FILE_MAJORS.contains(&m));
     let restore = format!(
-        "{} restore-wal --wal-dir {} %f %p",
+        "{} restore-wal --wal-dir {}{} %f %p",
         bootstrap::shell_quote(&restore_bin.display().to_string()),
-        bootstrap::shell_quote(&wal_dir.display().to_string())
+        bootstrap::shell_quote(&wal_dir.display().to_string()),
+        if promote_at_end {
+            " --promote-at-end"
+        } else {
+            ""
+        }
     );
     conf.push_str("# Added by wal-receiver restore: replay the repository's WAL archive.\n");
     conf.push_str(&format!("restore_command = '{}'\n", q(&restore)));
+    if promote_at_end {
+        conf.push_str("# Replay as a standby, promote at the end of the archive.\n");
+        conf.push_str(&format!(
+            "promote_trigger_file = '{}'\n",
+            crate::restore::PROMOTE_TRIGGER
+        ));
+    }
     // A restored server must not stream from, or act for, the cluster it was copied from.
     conf.push_str("primary_conninfo = ''\n");
     if let Some(v) = &t.time {
@@ -1096,7 +1125,16 @@ fn write_recovery(pgdata: &Path, wal_dir: &Path, restore_bin: &Path, t: &Target)
         conf.push_str(&format!("recovery_target_action = '{}'\n", q(v)));
     }
     durable::write_atomic(&auto, conf.as_bytes())?;
-    durable::write_atomic(&pgdata.join("recovery.signal"), b"")?;
+    if promote_at_end {
+        let armed = pgdata.join(crate::restore::PROMOTE_ARMED);
+        if let Some(dir) = armed.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        durable::write_atomic(&armed, b"")?;
+        durable::write_atomic(&pgdata.join("standby.signal"), b"")?;
+    } else {
+        durable::write_atomic(&pgdata.join("recovery.signal"), b"")?;
+    }
     Ok(())
 }
 

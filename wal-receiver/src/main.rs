@@ -108,6 +108,12 @@ enum Command {
         /// into .walship-prefetch beside DEST, while PostgreSQL replays this one).
         #[arg(long)]
         no_prefetch: bool,
+        /// Once PostgreSQL asks for the segment that holds the end of the archive, rename
+        /// pg_wal/walship.promote.armed (written by `restore`) to pg_wal/walship.promote,
+        /// the server's promote_trigger_file, relative to the current directory (the data
+        /// directory). `restore` sets this for a restore to the end of the archive.
+        #[arg(long)]
+        promote_at_end: bool,
     },
     /// Show what a WAL store holds: system identifier, timeline, flush position,
     /// segments, and bytes received raw vs on the wire.
@@ -353,11 +359,13 @@ fn main() -> ExitCode {
             file,
             dest,
             no_prefetch,
+            promote_at_end,
         } => match wal_receiver::restore::restore_wal(
             &wal_dir,
             &file,
             &dest,
             !no_prefetch,
+            promote_at_end,
         ) {
             Ok(true) => Ok(()),
             Ok(false) => {

@@ -23,6 +23,15 @@ use crate::walread::read_partial;
 /// Where prefetched segments wait, next to `dest` (in the server's `pg_wal`).
 pub const PREFETCH_DIR: &str = ".walship-prefetch";
 
+/// The `promote_trigger_file` that `restore` configures, relative to the data directory
+/// (restore_command runs there). PostgreSQL removes it when it promotes. In `pg_wal`, which
+/// base backups and `pg_verifybackup` leave out.
+pub const PROMOTE_TRIGGER: &str = "pg_wal/walship.promote";
+/// Written by `restore` beside [`PROMOTE_TRIGGER`]; renamed to it once PostgreSQL asks for
+/// the segment that holds the end of the archive. So the trigger fires once, for this
+/// restore only: a server later made a standby with the same restore_command never finds it.
+pub const PROMOTE_ARMED: &str = "pg_wal/walship.promote.armed";
+
 /// Writes `file` to `dest`. `Ok(false)` means the store does not have it (yet).
 ///
 /// With `prefetch`, a sealed next segment is decompressed in the background into
@@ -30,7 +39,19 @@ pub const PREFETCH_DIR: &str = ".walship-prefetch";
 /// from there with a rename. Only sealed segments are prefetched: they never change. When a
 /// file is not in the store (the end of the archive, or the probe for a next timeline's
 /// history that follows it), the prefetch directory is removed.
-pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path, prefetch: bool) -> Result<bool> {
+///
+/// With `promote_at_end`, a request for the segment that holds the end of the archive, or a
+/// later one, renames [`PROMOTE_ARMED`] to [`PROMOTE_TRIGGER`] in the current directory. A
+/// standby checks its trigger file only when it finds no more WAL, so it first replays
+/// every record the archive holds, then promotes (without the end-of-recovery checkpoint
+/// that archive recovery waits for).
+pub fn restore_wal(
+    wal_dir: &Path,
+    file: &str,
+    dest: &Path,
+    prefetch: bool,
+    promote_at_end: bool,
+) -> Result<bool> {
     let spool = dest
         .parent()
         .map(|d| d.join(PREFETCH_DIR))
@@ -48,10 +69,16 @@ pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path, prefetch: bool) -> R
             state = with_wal_past(wal_dir, state)?;
         }
     }
+    let at_end = matches!(name, WalFileName::Segment { segno, .. }
+        if segno >= state.seg_size.segment_of(state.flush_lsn));
     // `file` passed WalFileName::parse: a bare name.
     let spooled =
         matches!(name, WalFileName::Segment { .. }) && fs::rename(spool.join(file), dest).is_ok();
-    if !spooled && !write_dest(wal_dir, file, name, &state, dest)? {
+    let found = spooled || write_dest(wal_dir, file, name, &state, dest)?;
+    if promote_at_end && at_end {
+        arm_promotion(Path::new(PROMOTE_ARMED), Path::new(PROMOTE_TRIGGER));
+    }
+    if !found {
         let _ = fs::remove_dir_all(&spool);
         return Ok(false);
     }
@@ -80,6 +107,24 @@ pub fn restore_wal(wal_dir: &Path, file: &str, dest: &Path, prefetch: bool) -> R
         }
     }
     Ok(true)
+}
+
+/// Turns the armed marker into the trigger file. Without the marker (already renamed, or
+/// never written) there is nothing to do; a failure is only logged: the server then stays a
+/// standby at the end of the archive, to be promoted by hand.
+fn arm_promotion(armed: &Path, trigger: &Path) {
+    match fs::rename(armed, trigger) {
+        Ok(()) => tracing::info!(
+            "the end of the archive is reached: {} promotes the server once it has replayed it",
+            trigger.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            "cannot rename {} to {}: {e}; promote the server with pg_ctl promote",
+            armed.display(),
+            trigger.display()
+        ),
+    }
 }
 
 /// Writes `file` from the store to `dest` through a temporary name. `Ok(false)`: the store
