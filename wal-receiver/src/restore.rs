@@ -14,14 +14,19 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
 use walship_common::{SegmentNo, WalFileName};
 
 use crate::sealed;
-use crate::store::{read_recorded_state, with_wal_past, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
+use crate::store::{
+    boot_id, read_recorded_state, with_wal_past, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX,
+};
 use crate::walread::read_partial;
 
 /// Where prefetched segments wait, next to `dest` (in the server's `pg_wal`).
 pub const PREFETCH_DIR: &str = ".walship-prefetch";
+/// The suffix of a file being written, until it is renamed to its name.
+const TMP_SUFFIX: &str = ".walship-tmp";
 
 /// The `promote_trigger_file` that `restore` configures, relative to the data directory
 /// (restore_command runs there). PostgreSQL removes it when it promotes. In `pg_wal`, which
@@ -72,8 +77,7 @@ pub fn restore_wal(
     let at_end = matches!(name, WalFileName::Segment { segno, .. }
         if segno >= state.seg_size.segment_of(state.flush_lsn));
     // `file` passed WalFileName::parse: a bare name.
-    let spooled =
-        matches!(name, WalFileName::Segment { .. }) && fs::rename(spool.join(file), dest).is_ok();
+    let spooled = matches!(name, WalFileName::Segment { .. }) && take_spooled(&spool, file, dest);
     let found = spooled || write_dest(wal_dir, file, name, &state, dest)?;
     if promote_at_end && at_end {
         arm_promotion(Path::new(PROMOTE_ARMED), Path::new(PROMOTE_TRIGGER));
@@ -90,7 +94,7 @@ pub fn restore_wal(
         .to_name(state.seg_size);
         if wal_dir.join(format!("{next}{SEALED_SUFFIX}")).exists()
             && !spool.join(&next).exists()
-            && fs::create_dir_all(&spool).is_ok()
+            && open_spool(&spool)
         {
             // Best effort: if it cannot start, the next call decompresses it itself.
             let _ = std::env::current_exe().and_then(|exe| {
@@ -107,6 +111,42 @@ pub fn restore_wal(
         }
     }
     Ok(true)
+}
+
+/// The file in the prefetch directory that names the boot of the machine it was filled in.
+const SPOOL_BOOT: &str = "BOOT";
+
+/// Creates the prefetch directory for this boot of the machine; `false` when prefetching
+/// cannot be used (no boot id to tie it to, or the directory cannot be made).
+fn open_spool(spool: &Path) -> bool {
+    let Some(boot) = boot_id() else {
+        return false;
+    };
+    if fs::read_to_string(spool.join(SPOOL_BOOT)).is_ok_and(|b| b == boot) {
+        return true;
+    }
+    let _ = fs::remove_dir_all(spool);
+    fs::create_dir_all(spool).is_ok() && fs::write(spool.join(SPOOL_BOOT), boot).is_ok()
+}
+
+/// Moves the prefetched `file` to `dest`, if it is there; `false` otherwise.
+///
+/// Prefetched segments are not fsynced (a segment's worth of writes to sync while the
+/// server replays). They are used only in the boot of the machine that wrote them, in which
+/// the page cache holds every byte written before the rename; after a restart of the
+/// machine the directory is removed unused. A prefetch still writing `file` holds its
+/// temporary file locked: this waits for it rather than decompress the segment again.
+fn take_spooled(spool: &Path, file: &str, dest: &Path) -> bool {
+    let current = boot_id()
+        .is_some_and(|boot| fs::read_to_string(spool.join(SPOOL_BOOT)).is_ok_and(|b| b == boot));
+    if !current {
+        let _ = fs::remove_dir_all(spool);
+        return false;
+    }
+    if let Ok(f) = File::open(spool.join(format!("{file}{TMP_SUFFIX}"))) {
+        let _ = Flock::lock(f, FlockArg::LockShared);
+    }
+    fs::rename(spool.join(file), dest).is_ok()
 }
 
 /// Turns the armed marker into the trigger file. Without the marker (already renamed, or
@@ -137,7 +177,7 @@ fn write_dest(
     dest: &Path,
 ) -> Result<bool> {
     let tmp = dest.with_file_name(format!(
-        "{}.walship-tmp",
+        "{}{TMP_SUFFIX}",
         dest.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
@@ -148,30 +188,22 @@ fn write_dest(
         .truncate(true)
         .open(&tmp)
         .with_context(|| format!("create {}", tmp.display()))?;
+    // Held until the file has its name (see take_spooled); released on exit at the latest.
+    let _writing = out
+        .try_clone()
+        .ok()
+        .and_then(|f| Flock::lock(f, FlockArg::LockExclusive).ok());
     // Large writes: a segment in 8 KiB writes cost more system time than its decompression.
     let mut out = io::BufWriter::with_capacity(1 << 20, out);
-    // A prefetched segment may wait across a crash before it is used: it must be whole on
-    // disk before it gets its name.
-    let spooled = dest
-        .parent()
-        .and_then(|d| d.file_name())
-        .is_some_and(|n| n == PREFETCH_DIR);
     let result = write_file(wal_dir, file, name, state, &mut out).and_then(|found| {
-        let f = out
-            .into_inner()
+        out.into_inner()
             .map_err(|e| e.into_error())
             .with_context(|| format!("write {}", tmp.display()))?;
-        if found && spooled {
-            walship_common::durable::fsync_file(&f, &tmp)?;
-        }
         Ok(found)
     });
     match result {
         Ok(true) => {
             fs::rename(&tmp, dest).with_context(|| format!("rename into {}", dest.display()))?;
-            if let (true, Some(dir)) = (spooled, dest.parent()) {
-                walship_common::durable::fsync_dir(dir)?;
-            }
             Ok(true)
         }
         other => {
@@ -243,4 +275,62 @@ fn write_file(
         }
     };
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spool_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("walship-spool-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_spool_from_another_boot_is_removed_unused() {
+        let Some(boot) = boot_id() else { return };
+        let spool = spool_dir("boot");
+        let dest = spool.with_extension("dest");
+        fs::create_dir_all(&spool).unwrap();
+        fs::write(spool.join(SPOOL_BOOT), "another boot").unwrap();
+        fs::write(spool.join("seg"), b"old").unwrap();
+        assert!(!take_spooled(&spool, "seg", &dest));
+        assert!(!spool.exists() && !dest.exists());
+
+        assert!(open_spool(&spool));
+        assert_eq!(fs::read_to_string(spool.join(SPOOL_BOOT)).unwrap(), boot);
+        fs::write(spool.join("seg"), b"new").unwrap();
+        assert!(take_spooled(&spool, "seg", &dest));
+        assert_eq!(fs::read(&dest).unwrap(), b"new");
+        let _ = fs::remove_dir_all(&spool);
+        let _ = fs::remove_file(&dest);
+    }
+
+    #[test]
+    fn taking_a_segment_waits_for_the_prefetch_writing_it() {
+        if boot_id().is_none() {
+            return;
+        }
+        let spool = spool_dir("wait");
+        let dest = spool.with_extension("dest");
+        assert!(open_spool(&spool));
+        // The prefetch: its temporary file, locked while it writes.
+        let tmp = spool.join(format!("seg{TMP_SUFFIX}"));
+        let f = File::create(&tmp).unwrap();
+        let lock = Flock::lock(f, FlockArg::LockExclusive).unwrap();
+        let taker = {
+            let (spool, dest) = (spool.clone(), dest.clone());
+            std::thread::spawn(move || take_spooled(&spool, "seg", &dest))
+        };
+        // Without the wait the taker finds no segment; it only ever finds it late.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        fs::write(&tmp, b"segment").unwrap();
+        fs::rename(&tmp, spool.join("seg")).unwrap();
+        drop(lock);
+        assert!(taker.join().unwrap(), "the segment was not taken");
+        assert_eq!(fs::read(&dest).unwrap(), b"segment");
+        let _ = fs::remove_dir_all(&spool);
+        let _ = fs::remove_file(&dest);
+    }
 }

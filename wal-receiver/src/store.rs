@@ -192,7 +192,7 @@ pub fn with_wal_past(dir: &Path, mut state: StoreState) -> Result<StoreState, St
 }
 
 /// This boot of the machine, as Linux names it; `None` where it cannot be read.
-fn boot_id() -> Option<String> {
+pub fn boot_id() -> Option<String> {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .ok()
         .map(|s| s.trim().to_owned())
