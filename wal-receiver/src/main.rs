@@ -448,7 +448,7 @@ fn main() -> ExitCode {
                     restore_bin,
                 })?;
                 println!(
-                    "restored backup {} into {}; start it with pg_ctl to replay the archive",
+                    "restored backup {} into {}; start it with pg_ctl: it replays the archive to the target and takes the target action, or without a target replays all of it and then promotes itself",
                     b.id,
                     pgdata.display()
                 );
