@@ -26,6 +26,9 @@
 # streaming feed (follow --serve-standby). Sampled every 100 ms on the standby as
 # clock_timestamp() - pg_last_xact_replay_timestamp(): the age of the newest replayed commit,
 # which under a steady load is the commit-to-visible lag. p50 and p99, and primary TPS.
+# BENCH_REPLAY_RATE=N runs pgbench at N transactions per second (-R) instead of flat out,
+# which leaves the cores some idle time. The metric then also includes the wait for the
+# next commit, the same for every feed.
 #
 # Restore: a scale-$BENCH_SCALE base backup plus $BENCH_RESTORE_SECONDS s of pgbench WAL after
 # it, restored until the server runs (recovery ended): `wal-receiver restore` from a backup
@@ -347,7 +350,7 @@ replay_one() {  # feed run -> JSON
         sleep 0.1
     done ) & sampler=$!
     local tps
-    tps=$("$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" "$CONN" 2>/dev/null | awk '/^tps/ {print $3; exit}')
+    tps=$("$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" ${REPLAY_RATE:+-R "$REPLAY_RATE"} "$CONN" 2>/dev/null | awk '/^tps/ {print $3; exit}')
     kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
     local p50 p99; p50=$(pct 50 "$dir/lag"); p99=$(pct 99 "$dir/lag")
     as_pg "$PG_BIN/pg_ctl" -D "$dir/standby" stop -m immediate >/dev/null 2>&1 || true
@@ -361,13 +364,15 @@ replay_one() {  # feed run -> JSON
 
 REPLAY="$WORK/replay.jsonl"
 : > "$REPLAY"
+REPLAY_RATE=${BENCH_REPLAY_RATE:-}
+REPLAY_LOAD="pgbench -c 4 -T $SECONDS_PER_RUN${REPLAY_RATE:+ -R $REPLAY_RATE}"
 if [[ " $PARTS " == *" replay "* ]]; then
     read -r -a FEEDS <<< "${BENCH_FEEDS:-native restore_command walship}"
     for run in $(seq "$RUNS"); do
         order=("${FEEDS[@]}")
         (( run % 2 == 0 )) && order=(walship restore_command native)
         for feed in "${order[@]}"; do
-            say "replay run $run/$RUNS: $feed feed, pgbench -c 4 -T $SECONDS_PER_RUN"
+            say "replay run $run/$RUNS: $feed feed, $REPLAY_LOAD"
             replay_one "$feed" "$run" | tee -a "$REPLAY" >&2
         done
     done
@@ -613,7 +618,7 @@ fi
 replay_median() { median "$REPLAY" "\"feed\":\"$1\"" "$2"; }  # feed field
 if [ -s "$REPLAY" ]; then
     {
-        printf '\nCommit-to-visible lag on a standby, pgbench -c 4 -T %s, scale %s, median of %s runs\n\n' "$SECONDS_PER_RUN" "$SCALE" "$RUNS"
+        printf '\nCommit-to-visible lag on a standby, %s, scale %s, median of %s runs\n\n' "$REPLAY_LOAD" "$SCALE" "$RUNS"
         printf '%-20s %14s %16s %14s %14s\n' metric native restore_command walship "walship/native"
         for f in visible_lag_ms_p50 visible_lag_ms_p99 tps; do
             a=$(replay_median native "$f"); b=$(replay_median restore_command "$f"); c=$(replay_median walship "$f")
