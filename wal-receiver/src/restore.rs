@@ -10,7 +10,7 @@
 //! crash.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -195,11 +195,17 @@ fn write_dest(
         .and_then(|f| Flock::lock(f, FlockArg::LockExclusive).ok());
     // Large writes: a segment in 8 KiB writes cost more system time than its decompression.
     let mut out = io::BufWriter::with_capacity(1 << 20, out);
-    let result = write_file(wal_dir, file, name, state, &mut out).and_then(|found| {
-        out.into_inner()
+    let result = write_file(wal_dir, file, name, state, &mut out).and_then(|len| {
+        let f = out
+            .into_inner()
             .map_err(|e| e.into_error())
             .with_context(|| format!("write {}", tmp.display()))?;
-        Ok(found)
+        if let Some(len) = len {
+            // The zeros past the served WAL, as a hole: nothing to write.
+            f.set_len(len)
+                .with_context(|| format!("extend {}", tmp.display()))?;
+        }
+        Ok(len.is_some())
     });
     match result {
         Ok(true) => {
@@ -213,20 +219,20 @@ fn write_dest(
     }
 }
 
+/// Writes `file` from the store to `out`. `Ok(None)`: the store does not have it.
+/// `Ok(Some(len))`: the file's length, which may go past what was written; the rest is
+/// zeros (the segment being written is served up to the flush position).
 fn write_file(
     wal_dir: &Path,
     file: &str,
     name: WalFileName,
     state: &StoreState,
     out: &mut impl Write,
-) -> Result<bool> {
+) -> Result<Option<u64>> {
     let found = match name {
         WalFileName::History(_) => match File::open(wal_dir.join(file)) {
-            Ok(mut f) => {
-                io::copy(&mut f, out).with_context(|| format!("copy {file}"))?;
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Ok(mut f) => Some(io::copy(&mut f, out).with_context(|| format!("copy {file}"))?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e).with_context(|| format!("open {file}")),
         },
         WalFileName::Segment { timeline, segno } => {
@@ -237,9 +243,9 @@ fn write_file(
             let flush_seg = state.seg_size.segment_of(state.flush_lsn);
             if sealed_path.exists() {
                 sealed::read_sealed(&sealed_path, seg_len, out)?;
-                true
+                Some(seg_len)
             } else if timeline != state.timeline || segno > flush_seg {
-                false
+                None
             } else {
                 let valid = if segno < flush_seg {
                     seg_len
@@ -247,22 +253,21 @@ fn write_file(
                     state.flush_lsn.segment_offset(state.seg_size)
                 };
                 if valid == 0 {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 // Checked against recycling: see crate::walread.
                 match read_partial(&partial_path, 0, valid as usize) {
                     Ok(Some(bytes)) => {
                         out.write_all(&bytes)
                             .context("write the restored segment")?;
-                        io::copy(&mut io::repeat(0).take(seg_len - valid), out)?;
-                        true
+                        Some(seg_len)
                     }
                     // Sealed (and perhaps recycled) between our looks: serve the sealed copy.
                     Ok(None) if sealed_path.exists() => {
                         sealed::read_sealed(&sealed_path, seg_len, out)?;
-                        true
+                        Some(seg_len)
                     }
-                    Ok(None) => false,
+                    Ok(None) => None,
                     Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => bail!(
                         "{} is shorter than the store's flush position says",
                         partial_path.display()
