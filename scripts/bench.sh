@@ -63,6 +63,11 @@ chmod 755 "$WORK"
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+    # A process started as `as_pg ... &` is a subshell's child: the PIDS entry is the
+    # subshell, so kill the processes themselves too (this run's own binaries, and
+    # pg_receivewal writing into this run's directory).
+    pkill -f -- "$BIN/wal-" 2>/dev/null || true
+    pkill -f -- "pg_receivewal .*$WORK/" 2>/dev/null || true
     as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" stop -m immediate >/dev/null 2>&1 || true
     ip netns del "walship_bench_$$" 2>/dev/null || true
     if [ -z "${BENCH_KEEP:-}" ]; then rm -rf "$WORK" "$BIN"; else say "kept $WORK"; fi
