@@ -841,7 +841,7 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
     info!(backup = %chosen.id, start_lsn = %chosen.start_lsn, stop_lsn = %chosen.stop_lsn, "restoring");
     let existed = pgdata.exists();
     let result = unpack(&repo, chosen, &pgdata)
-        .and_then(|()| write_recovery(&pgdata, &wal_dir, &cfg.restore_bin, t));
+        .and_then(|()| write_recovery(&pgdata, &wal_dir, &cfg.restore_bin, t, chosen.pg_version));
     if let Err(e) = result {
         // Never leave a directory PostgreSQL could be started on: remove what was written
         // (and the directory, if this restore created it).
@@ -1070,7 +1070,13 @@ const TRIGGER_FILE_MAJORS: std::ops::RangeInclusive<u32> = 12..=15;
 /// [`crate::restore::restore_wal`]). A promoted standby writes an end-of-recovery record and
 /// checkpoints in the background, so it accepts writes without waiting for the checkpoint
 /// that ends archive recovery (a write of every page replay dirtied).
-fn write_recovery(pgdata: &Path, wal_dir: &Path, restore_bin: &Path, t: &Target) -> Result<()> {
+fn write_recovery(
+    pgdata: &Path,
+    wal_dir: &Path,
+    restore_bin: &Path,
+    t: &Target,
+    pg_version: u32,
+) -> Result<()> {
     let auto = pgdata.join("postgresql.auto.conf");
     let mut conf = fs::read_to_string(&auto).unwrap_or_default();
     if !conf.is_empty() && !conf.ends_with('\n') {
@@ -1078,10 +1084,7 @@ fn write_recovery(pgdata: &Path, wal_dir: &Path, restore_bin: &Path, t: &Target)
     }
     let q = |s: &str| s.replace('\'', "''");
     let untargeted = t.time.is_none() && t.lsn.is_none() && t.xid.is_none() && t.name.is_none();
-    let major = fs::read_to_string(pgdata.join("PG_VERSION"))
-        .ok()
-        .and_then(|v| v.trim().parse::<u32>().ok());
-    let promote_at_end = untargeted && major.is_some_and(|m| TRIGGER_FILE_MAJORS.contains(&m));
+    let promote_at_end = untargeted && TRIGGER_FILE_MAJORS.contains(&pg_version);
     let restore = format!(
         "{} restore-wal --wal-dir {}{} %f %p",
         bootstrap::shell_quote(&restore_bin.display().to_string()),

@@ -122,11 +122,16 @@ fn open_spool(spool: &Path) -> bool {
     let Some(boot) = boot_id() else {
         return false;
     };
-    if fs::read_to_string(spool.join(SPOOL_BOOT)).is_ok_and(|b| b == boot) {
+    if filled_in(spool, &boot) {
         return true;
     }
     let _ = fs::remove_dir_all(spool);
     fs::create_dir_all(spool).is_ok() && fs::write(spool.join(SPOOL_BOOT), boot).is_ok()
+}
+
+/// Whether the prefetch directory was filled in the boot `boot`.
+fn filled_in(spool: &Path, boot: &str) -> bool {
+    fs::read_to_string(spool.join(SPOOL_BOOT)).is_ok_and(|b| b == boot)
 }
 
 /// Moves the prefetched `file` to `dest`, if it is there; `false` otherwise.
@@ -137,9 +142,7 @@ fn open_spool(spool: &Path) -> bool {
 /// machine the directory is removed unused. A prefetch still writing `file` holds its
 /// temporary file locked: this waits for it rather than decompress the segment again.
 fn take_spooled(spool: &Path, file: &str, dest: &Path) -> bool {
-    let current = boot_id()
-        .is_some_and(|boot| fs::read_to_string(spool.join(SPOOL_BOOT)).is_ok_and(|b| b == boot));
-    if !current {
+    if !boot_id().is_some_and(|boot| filled_in(spool, &boot)) {
         let _ = fs::remove_dir_all(spool);
         return false;
     }
