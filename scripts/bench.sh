@@ -23,12 +23,16 @@
 # Replay: how long a commit on the primary takes to become visible on a standby, under
 # `pgbench -c 4 -T $BENCH_SECONDS`, for three feeds of the same standby: PostgreSQL's native
 # streaming replication (pg_basebackup -R), walship's restore_command feed, and walship's
-# streaming feed (follow --serve-standby). Sampled every 100 ms on the standby as
-# clock_timestamp() - pg_last_xact_replay_timestamp(): the age of the newest replayed commit,
-# which under a steady load is the commit-to-visible lag. p50 and p99, and primary TPS.
+# streaming feed (follow --serve-standby). Sampled every 100 ms on the standby, in one
+# session, as clock_timestamp() - pg_last_xact_replay_timestamp(): the age of the newest
+# replayed commit, which under a steady load is the commit-to-visible lag. p50 and p99,
+# and primary TPS.
 # BENCH_REPLAY_RATE=N runs pgbench at N transactions per second (-R) instead of flat out,
 # which leaves the cores some idle time. The metric then also includes the wait for the
 # next commit, the same for every feed.
+# BENCH_REPLAY_SPLIT=1 splits the two cores as two hosts would: the primary, pgbench and
+# wal-sender run on CPU 0, the standby and wal-receiver (for native, the standby alone) on
+# CPU 1, through taskset.
 #
 # Restore: a scale-$BENCH_SCALE base backup plus $BENCH_RESTORE_SECONDS s of pgbench WAL after
 # it, restored until the server runs (recovery ended): `wal-receiver restore` from a backup
@@ -97,9 +101,11 @@ SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
 NSX=()
 NS="walship_bench_$$"
 SENDER_LOG="$WORK/sender.log"
+# CPU_P and CPU_S pin the primary's side and the standby's side in the replay part.
+CPU_P=(); CPU_S=()
 start_sender() {  # log
     SENDER_LOG=$1
-    "${NSX[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level="${BENCH_ZSTD_LEVEL:-1}" ${BENCH_BATCH_DELAY:+--batch-delay=$BENCH_BATCH_DELAY} > "$SENDER_LOG" 2>&1 &
+    "${NSX[@]}" "${CPU_P[@]}" "$BIN/wal-sender" serve --pg-conn "$CONN" --listen "127.0.0.1:$SENDER_PORT" --zstd-level="${BENCH_ZSTD_LEVEL:-1}" ${BENCH_BATCH_DELAY:+--batch-delay=$BENCH_BATCH_DELAY} > "$SENDER_LOG" 2>&1 &
     SENDER_PID=$!; PIDS+=("$SENDER_PID")
     sleep 1
     # A sender that did not start (a bad option, a busy port) would leave every run waiting.
@@ -191,7 +197,8 @@ if [[ " $PARTS " == *" bootstrap "* ]]; then
 fi
 
 # percentile P of the numbers in file F (nearest rank)
-pct() { sort -g "$2" | awk -v p="$1" '{a[NR]=$1} END {if (NR==0) {print "null"; exit} i=int(NR*p/100+0.999); if (i<1) i=1; print a[i]}'; }
+# (Empty lines, such as a sample taken before the standby replayed any commit, are skipped.)
+pct() { sort -g "$2" | awk -v p="$1" 'NF {a[++n]=$1} END {if (n==0) {print "null"; exit} i=int(n*p/100+0.999); if (i<1) i=1; print a[i]}'; }
 
 # sample APP OUTFILE: every 100 ms, flush lag in ms and in bytes, until killed
 sample() {
@@ -324,24 +331,24 @@ done
 REPLAY_PORT=5499
 SCONN="host=$WORK/sock port=$REPLAY_PORT user=postgres dbname=postgres"
 replay_one() {  # feed run -> JSON
-    local feed=$1 run=$2 app="replay_${1}_$2" dir="$WORK/replay-$1-$2" sampler=""
+    local feed=$1 run=$2 app="replay_${1}_$2" dir="$WORK/replay-$1-$2" sampler="" feeder=""
     as_pg mkdir -p "$dir"
     case $feed in
         native)
-            as_pg "$PG_BIN/pg_basebackup" -d "$CONN application_name=$app" -D "$dir/standby" -Fp -Xstream -c fast -R \
+            as_pg "${CPU_S[@]}" "$PG_BIN/pg_basebackup" -d "$CONN application_name=$app" -D "$dir/standby" -Fp -Xstream -c fast -R \
                 > "$dir/bootstrap.log" 2>&1
             ;;
         restore_command|walship)
             local how=stream serve=()
             if [ "$feed" = restore_command ]; then how=restore-command; else serve=(--serve-standby "$dir/wal"); fi
-            as_pg "$BIN/wal-receiver" bootstrap --sender "127.0.0.1:$SENDER_PORT" --name "$app" \
+            as_pg "${CPU_S[@]}" "$BIN/wal-receiver" bootstrap --sender "127.0.0.1:$SENDER_PORT" --name "$app" \
                 --pgdata "$dir/standby" --wal-dir "$dir/wal" --standby-feed "$how" > "$dir/bootstrap.log" 2>&1
-            as_pg "$BIN/wal-receiver" follow --sender "127.0.0.1:$SENDER_PORT" --name "$app" --wal-dir "$dir/wal" \
+            as_pg "${CPU_S[@]}" "$BIN/wal-receiver" follow --sender "127.0.0.1:$SENDER_PORT" --name "$app" --wal-dir "$dir/wal" \
                 "${serve[@]}" > "$dir/follow.log" 2>&1 &
             PIDS+=("$!")
             ;;
     esac
-    as_pg "$PG_BIN/pg_ctl" -D "$dir/standby" -l "$dir/standby.log" -w -t 300 start \
+    as_pg "${CPU_S[@]}" "$PG_BIN/pg_ctl" -D "$dir/standby" -l "$dir/standby.log" -w -t 300 start \
         -o "-p $REPLAY_PORT -c listen_addresses='' -c unix_socket_directories='$WORK/sock'" >/dev/null
     local target; target=$(psql_ "SELECT pg_current_wal_flush_lsn()")
     for _ in $(seq 1200); do
@@ -350,13 +357,18 @@ replay_one() {  # feed run -> JSON
     done
     # Every feed's load starts right after a checkpoint, as in the streaming part.
     psql_ "CHECKPOINT" >/dev/null
-    ( while true; do
-        "$PG_BIN/psql" -XAtq -d "$SCONN" -c "SELECT (extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000)::numeric(12,3)" >> "$dir/lag" 2>/dev/null || true
+    # One session samples throughout: a new connection per sample would start a backend on
+    # the standby every 100 ms, and the lag measured would include the replay that start
+    # delays. The feeder ends, psql reads end of input and exits, writing what it buffered.
+    mkfifo "$dir/sampler.fifo"
+    "${CPU_S[@]}" "$PG_BIN/psql" -XAtq -d "$SCONN" < "$dir/sampler.fifo" >> "$dir/lag" 2>/dev/null & sampler=$!
+    ( while echo "SELECT (extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000)::numeric(12,3);"; do
         sleep 0.1
-    done ) & sampler=$!
+    done > "$dir/sampler.fifo" ) & feeder=$!
     local tps
-    tps=$("$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" ${REPLAY_RATE:+-R "$REPLAY_RATE"} "$CONN" 2>/dev/null | awk '/^tps/ {print $3; exit}')
-    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+    tps=$("${CPU_P[@]}" "$PG_BIN/pgbench" -n -c 4 -j 2 -T "$SECONDS_PER_RUN" ${REPLAY_RATE:+-R "$REPLAY_RATE"} "$CONN" 2>/dev/null | awk '/^tps/ {print $3; exit}')
+    kill "$feeder" 2>/dev/null; wait "$feeder" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
     local p50 p99; p50=$(pct 50 "$dir/lag"); p99=$(pct 99 "$dir/lag")
     as_pg "$PG_BIN/pg_ctl" -D "$dir/standby" stop -m immediate >/dev/null 2>&1 || true
     pkill -f -- "--wal-dir $dir/wal" 2>/dev/null || true
@@ -370,8 +382,21 @@ replay_one() {  # feed run -> JSON
 REPLAY="$WORK/replay.jsonl"
 : > "$REPLAY"
 REPLAY_RATE=${BENCH_REPLAY_RATE:-}
-REPLAY_LOAD="pgbench -c 4 -T $SECONDS_PER_RUN${REPLAY_RATE:+ -R $REPLAY_RATE}"
+REPLAY_LOAD="pgbench -c 4 -T $SECONDS_PER_RUN${REPLAY_RATE:+ -R $REPLAY_RATE}${BENCH_REPLAY_SPLIT:+, cores split}"
+# Restarts the primary and the sender with the affinity in CPU_P.
+repin_primary() {
+    kill "$SENDER_PID" 2>/dev/null || true
+    as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -w stop -m fast >/dev/null
+    as_pg "${CPU_P[@]}" "$PG_BIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w start >/dev/null
+    start_sender "$WORK/sender.log"
+}
 if [[ " $PARTS " == *" replay "* ]]; then
+    if [ -n "${BENCH_REPLAY_SPLIT:-}" ]; then
+        [ "$(nproc)" -ge 2 ] || { say "BENCH_REPLAY_SPLIT needs two CPUs"; exit 1; }
+        CPU_P=(taskset -c 0); CPU_S=(taskset -c 1)
+        say "replay: primary, pgbench and wal-sender on CPU 0; standby and wal-receiver on CPU 1"
+        repin_primary
+    fi
     read -r -a FEEDS <<< "${BENCH_FEEDS:-native restore_command walship}"
     for run in $(seq "$RUNS"); do
         order=("${FEEDS[@]}")
@@ -381,6 +406,10 @@ if [[ " $PARTS " == *" replay "* ]]; then
             replay_one "$feed" "$run" | tee -a "$REPLAY" >&2
         done
     done
+    if [ -n "${BENCH_REPLAY_SPLIT:-}" ]; then
+        CPU_P=(); CPU_S=()
+        repin_primary
+    fi
 fi
 
 # ---------------------------------------------------------------------------------------
