@@ -612,6 +612,21 @@ pub struct Target {
     pub action: Option<String>,
 }
 
+impl Target {
+    /// How many of the four recovery targets are given: `restore` accepts at most one.
+    fn given(&self) -> usize {
+        [
+            self.time.is_some(),
+            self.lsn.is_some(),
+            self.xid.is_some(),
+            self.name.is_some(),
+        ]
+        .into_iter()
+        .filter(|&given| given)
+        .count()
+    }
+}
+
 /// Settings of `wal-receiver restore`.
 pub struct RestoreConfig {
     pub repo: PathBuf,
@@ -753,13 +768,7 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
         .map_err(crate::follow::store_fatal)?
         .ok_or_else(|| refuse("the repository has no WAL archive".into()))?;
     let t = &cfg.target;
-    let targets = [
-        t.time.is_some(),
-        t.lsn.is_some(),
-        t.xid.is_some(),
-        t.name.is_some(),
-    ];
-    if targets.iter().filter(|&&x| x).count() > 1 {
+    if t.given() > 1 {
         return Err(Fatal {
             code: exit::USAGE,
             message: "give at most one of --target-time, --target-lsn, --target-xid, --target-name"
@@ -1083,8 +1092,7 @@ fn write_recovery(
         conf.push('\n');
     }
     let q = |s: &str| s.replace('\'', "''");
-    let untargeted = t.time.is_none() && t.lsn.is_none() && t.xid.is_none() && t.name.is_none();
-    let promote_at_end = untargeted && TRIGGER_FILE_MAJORS.contains(&pg_version);
+    let promote_at_end = t.given() == 0 && TRIGGER_FILE_MAJORS.contains(&pg_version);
     let restore = format!(
         "{} restore-wal --wal-dir {}{} %f %p",
         bootstrap::shell_quote(&restore_bin.display().to_string()),
