@@ -101,7 +101,8 @@ SENDER_PORT=$(( 20000 + RANDOM % 20000 ))
 NSX=()
 NS="walship_bench_$$"
 SENDER_LOG="$WORK/sender.log"
-# CPU_P and CPU_S pin the primary's side and the standby's side in the replay part.
+# CPU_P and CPU_S pin the primary's side and the standby's side in the replay part
+# (restart_primary and start_sender apply CPU_P).
 CPU_P=(); CPU_S=()
 start_sender() {  # log
     SENDER_LOG=$1
@@ -151,7 +152,7 @@ AS_PG=(); [ "$(id -u)" = 0 ] && AS_PG=(runuser -u postgres --)
 restart_primary() {  # extra postgres options
     kill "$SENDER_PID" 2>/dev/null; wait "$SENDER_PID" 2>/dev/null || true
     as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -w stop -m fast >/dev/null
-    "${NSX[@]}" "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w start -o "$1" >/dev/null
+    "${NSX[@]}" "${AS_PG[@]}" "${CPU_P[@]}" "$PG_BIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w start -o "$1" >/dev/null
 }
 # Shapes a network namespace's loopback to RATE and runs the primary, the sender and both
 # clients inside it. netem (rate and 1 ms delay) when the kernel has it, else tbf (rate only).
@@ -385,9 +386,7 @@ REPLAY_RATE=${BENCH_REPLAY_RATE:-}
 REPLAY_LOAD="pgbench -c 4 -T $SECONDS_PER_RUN${REPLAY_RATE:+ -R $REPLAY_RATE}${BENCH_REPLAY_SPLIT:+, cores split}"
 # Restarts the primary and the sender with the affinity in CPU_P.
 repin_primary() {
-    kill "$SENDER_PID" 2>/dev/null || true
-    as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -w stop -m fast >/dev/null
-    as_pg "${CPU_P[@]}" "$PG_BIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w start >/dev/null
+    restart_primary "-c listen_addresses=''"
     start_sender "$WORK/sender.log"
 }
 if [[ " $PARTS " == *" replay "* ]]; then
