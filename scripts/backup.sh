@@ -26,8 +26,9 @@ Keep the archive continuous between backups with
   --name NAME           the repository's receiver name (slot walship_NAME)
   --repo DIR            the backup repository (created if missing)
   --keep N              keep the newest N backups (default: keep all)
-  --bin DIR             where wal-receiver lives (default: the directory of
-                        'command -v wal-receiver', else $REPO_ROOT/target/release)
+  --bin DIR             where wal-receiver lives (default: \$WALSHIP_BIN_DIR, else the
+                        directory of 'command -v wal-receiver', else
+                        $REPO_ROOT/target/release)
   -- ARGS               further arguments for 'wal-receiver backup' (e.g. --tls-ca FILE)
   -h, --help            show this help
 
@@ -37,7 +38,7 @@ usage, 3 WAL gone, 4 wrong cluster, 7 disk, 9 TLS, ...).
 EOF
 }
 
-SENDERS=() NAME="" REPO="" KEEP="" BIN="" EXTRA=()
+SENDERS=() NAME="" REPO="" KEEP="" BIN="${WALSHIP_BIN_DIR:-}" EXTRA=()
 need_value() {
     if [ $# -lt 2 ] || [ -z "$2" ]; then
         echo "walship-backup FAILED exit=2 error=\"$1 needs a value\""; exit 2
@@ -63,6 +64,10 @@ if [ -z "$BIN" ]; then
     if command -v wal-receiver >/dev/null; then BIN=$(dirname "$(command -v wal-receiver)")
     else BIN=$REPO_ROOT/target/release; fi
 fi
+# The repository, its log and lock are private to their owner, as wal-receiver makes what it
+# creates; readable by the owner's group as well with --allow-group-access.
+umask 077
+for a in "${EXTRA[@]+"${EXTRA[@]}"}"; do [ "$a" != --allow-group-access ] || umask 027; done
 RECEIVER=$BIN/wal-receiver
 if [ ! -x "$RECEIVER" ]; then
     echo "walship-backup FAILED repo=$REPO exit=2 error=\"$RECEIVER is missing (give --bin)\""

@@ -3,8 +3,12 @@
 #   1. wal-receiver bootstrap  (snapshot of the primary into --pgdata, WAL into --wal-dir)
 #   2. wal-receiver follow     (in the background, keeps --wal-dir current)
 #   3. pg_ctl start            (the standby replays WAL through restore_command)
-# and waits until the standby answers read-only queries. Run it with --help for the flags.
+# and waits until the standby answers read-only queries. It prints what it started, and how
+# to stop and restart it, also when that wait fails. Run it with --help for the flags.
 set -euo pipefail
+# What it creates (data directory, WAL store, logs, pid file) is private to its owner, as
+# PostgreSQL's data directory is.
+umask 077
 
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$SCRIPT_DIR")
@@ -13,7 +17,7 @@ usage() {
     cat <<EOF
 Usage: $(basename "$0") --sender HOST:PORT --name NAME --pgdata DIR --port PORT [options]
 
-Bootstraps a PostgreSQL 15 hot standby from a wal-sender, starts 'wal-receiver follow' in
+Bootstraps a PostgreSQL (15 to 18) hot standby from a wal-sender, starts 'wal-receiver follow' in
 the background and starts the standby. Run it on the new standby host, as root or as the
 OS user that will run PostgreSQL. As root, PostgreSQL and wal-receiver run as 'postgres'.
 
@@ -26,7 +30,9 @@ Required:
                               primary keeps WAL for it in the replication slot walship_NAME
   --pgdata DIR                the standby's data directory; must be empty or absent, or
                               hold an unfinished bootstrap (which is then resumed)
-  --port PORT                 the port the standby listens on
+  --port PORT                 the port the standby listens on. bootstrap writes it into
+                              the standby's postgresql.auto.conf, so a plain 'pg_ctl
+                              start', or a service manager, starts it there
 
 Options:
   --wal-dir DIR               the WAL store (default: <pgdata>.wal). The standby's
@@ -34,12 +40,23 @@ Options:
   --tablespace-mapping OLD=NEW
                               restore the primary's tablespace OLD into directory NEW on
                               this host; repeat for each tablespace
-  --socket-dir DIR            start the standby with unix_socket_directories=DIR (default:
-                              whatever the primary's configuration says)
-  --bin DIR                   where wal-receiver lives (default: the directory of
-                              'command -v wal-receiver', else $REPO/target/release)
-  --pg-bin DIR                PostgreSQL 15 binaries (default: /usr/lib/postgresql/15/bin)
-  --db-user USER              role used to check the standby with psql (default: postgres)
+  --socket-dir DIR            the standby's unix_socket_directories, written into its
+                              postgresql.auto.conf as --port is (default: the primary's)
+  --listen-addresses ADDRS    the standby's listen_addresses, likewise: '*', a list of
+                              addresses, or '' for the Unix socket only (default: the
+                              primary's)
+  --bin DIR                   where wal-receiver lives (default: \$WALSHIP_BIN_DIR, else the
+                              directory of 'command -v wal-receiver', else
+                              $REPO/target/release)
+  --pg-bin DIR                PostgreSQL binaries of the primary's major version
+                              (default: /usr/lib/postgresql/N/bin, N the major version
+                              the bootstrap copies)
+  --db-user USER              role that checks the standby with psql (default: postgres).
+                              psql runs as you, so PGPASSWORD, PGPASSFILE, ~/.pgpass and
+                              the PGSSL* variables apply as to any psql you run; as root,
+                              when the standby refuses root by peer authentication, it
+                              runs as the postgres OS user (PGPASSWORD and PGPASSFILE
+                              still apply, ~ is then postgres's home)
   --standby-feed HOW          stream (default): the standby streams from 'follow
                               --serve-standby' on a socket in the WAL store, with
                               restore_command as the fallback; restore-command: only
@@ -51,6 +68,9 @@ Options:
   --tls-server-name NAME      the name the sender's certificate carries, if not its host
   --timeout SECONDS           how long to wait for the standby to accept queries (default: 300)
   -h, --help                  show this help
+
+Exit status: 0 the standby is up and in recovery; 1 a step failed (the message says which;
+if the standby was started, the summary of what runs is printed first).
 
 Files it creates next to the WAL store and the data directory:
   <wal-dir>.follow.log        log of 'wal-receiver follow'
@@ -71,8 +91,9 @@ as_pg() { if $IS_ROOT; then runuser -u postgres -- "$@"; else "$@"; fi; }
 PG_USER="user $(id -un)" AS_PG=""
 ! $IS_ROOT || { PG_USER="the postgres user"; AS_PG="runuser -u postgres -- "; }
 
-SENDERS=() NAME="" PGDATA_DIR="" PORT="" WAL_DIR="" SOCKET_DIR="" BIN="" DB_USER=postgres
-PG_BIN=/usr/lib/postgresql/15/bin
+SENDERS=() NAME="" PGDATA_DIR="" PORT="" WAL_DIR="" SOCKET_DIR="" BIN="${WALSHIP_BIN_DIR:-}" DB_USER=postgres
+LISTEN=() # (--listen-addresses ADDRS: an empty value is meaningful)
+PG_BIN=""
 TIMEOUT=300
 MAPPINGS=()
 TLS_ARGS=()
@@ -89,6 +110,7 @@ while [ $# -gt 0 ]; do
         --wal-dir) need_value "$@"; WAL_DIR=$2; shift 2 ;;
         --tablespace-mapping) need_value "$@"; MAPPINGS+=("$2"); shift 2 ;;
         --socket-dir) need_value "$@"; SOCKET_DIR=$2; shift 2 ;;
+        --listen-addresses) [ $# -ge 2 ] || die "$1 needs a value (see --help)"; LISTEN=(--listen-addresses "$2"); shift 2 ;;
         --bin) need_value "$@"; BIN=$2; shift 2 ;;
         --pg-bin) need_value "$@"; PG_BIN=$2; shift 2 ;;
         --db-user) need_value "$@"; DB_USER=$2; shift 2 ;;
@@ -128,8 +150,11 @@ FOLLOW_LOG="$WAL_DIR.follow.log"
 FOLLOW_PID="$WAL_DIR.follow.pid"
 PG_LOG="$PGDATA_DIR.log"
 
-for tool in pg_ctl pg_isready psql; do
-    [ -x "$PG_BIN/$tool" ] || die "$PG_BIN/$tool not found: install PostgreSQL 15 (apt-get install postgresql-15) or pass --pg-bin"
+# Client programs for the checks before the bootstrap: --pg-bin's, else the newest installed
+# (they talk to every version). The server's own are chosen once the copy tells its version.
+CHECK_BIN=${PG_BIN:-$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin 2>/dev/null | sort -V | tail -n 1)}
+for tool in pg_isready psql; do
+    [ -x "$CHECK_BIN/$tool" ] || die "${CHECK_BIN:-/usr/lib/postgresql/N/bin}/$tool not found: install PostgreSQL (e.g. apt-get install postgresql-15) or pass --pg-bin"
 done
 if $IS_ROOT; then
     id postgres >/dev/null 2>&1 || die "running as root, but there is no 'postgres' OS user to run PostgreSQL and wal-receiver as"
@@ -159,7 +184,7 @@ fi
 for h in "${SOCKET_DIR:-/var/run/postgresql}" 127.0.0.1; do
     # pg_isready: 0 accepting, 1 rejecting (starting up): either way the port is taken
     prc=0
-    "$PG_BIN/pg_isready" -q -h "$h" -p "$PORT" -t 3 >/dev/null 2>&1 || prc=$?
+    "$CHECK_BIN/pg_isready" -q -h "$h" -p "$PORT" -t 3 >/dev/null 2>&1 || prc=$?
     if [ "$prc" -le 1 ]; then die "a server already listens on port $PORT ($h): choose another --port"; fi
 done
 if [ -f "$FOLLOW_PID" ] && kill -0 "$(cat "$FOLLOW_PID")" 2>/dev/null; then
@@ -218,6 +243,9 @@ fi
 
 # --- 1. bootstrap --------------------------------------------------------------------------
 BOOT_ARGS=(bootstrap "${SENDER_ARGS[@]}" --name "$NAME" --pgdata "$PGDATA_DIR" --wal-dir "$WAL_DIR")
+# Where the standby listens goes into its postgresql.auto.conf: pg_ctl needs no options.
+BOOT_ARGS+=(--port "$PORT" "${LISTEN[@]+"${LISTEN[@]}"}")
+[ -z "$SOCKET_DIR" ] || BOOT_ARGS+=(--socket-dir "$SOCKET_DIR")
 for m in "${MAPPINGS[@]+"${MAPPINGS[@]}"}"; do BOOT_ARGS+=(--tablespace-mapping "$m"); done
 BOOT_ARGS+=("${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" --standby-feed "$FEED")
 # With the streaming feed, follow serves the standby on a socket in the WAL store, which is
@@ -242,6 +270,7 @@ if [ "$rc" != 0 ]; then
         8) hint="$PGDATA_DIR or a tablespace directory is not empty (use --tablespace-mapping for tablespaces)" ;;
         9) hint="TLS or identity refused (see the message above: certificate, CA, host name or receiver name)" ;;
         10) hint="the sender sent an unsafe file name; nothing was written outside the target" ;;
+        13) hint="the WAL store $WAL_DIR is open to other users or belongs to another OS user (the message above names the fix)" ;;
         2) hint="bad command line" ;;
         *) hint="see the messages above" ;;
     esac
@@ -254,6 +283,13 @@ if [ "$rc" != 0 ]; then
     die "wal-receiver bootstrap failed (exit $rc): $hint"
 fi
 [ -f "$PGDATA_DIR/standby.signal" ] || die "bootstrap exited 0 but $PGDATA_DIR/standby.signal is missing"
+# The standby runs on the programs of the major version it was copied from.
+PG_MAJOR=$(cat "$PGDATA_DIR/PG_VERSION")
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/$PG_MAJOR/bin}
+pg_version=$("$PG_BIN/postgres" --version 2>/dev/null || true)
+if ! [[ $pg_version =~ \)\ $PG_MAJOR([.a-z]|$) ]] || ! [ -x "$PG_BIN/pg_ctl" ]; then
+    die "the primary runs PostgreSQL $PG_MAJOR, but $PG_BIN holds ${pg_version:-no PostgreSQL server}. $PGDATA_DIR is bootstrapped: start 'wal-receiver follow' on $WAL_DIR and the standby with PostgreSQL $PG_MAJOR's pg_ctl yourself"
+fi
 restore_cmd=$(grep -h "^[[:space:]]*restore_command" "$PGDATA_DIR/postgresql.auto.conf" "$PGDATA_DIR/postgresql.conf" 2>/dev/null | tail -n 1 || true)
 [ -z "$restore_cmd" ] || say "recovery: $restore_cmd"
 
@@ -293,67 +329,125 @@ report_leftovers() {
 trap report_leftovers EXIT
 
 # --- 3. the standby ------------------------------------------------------------------------
-PG_OPTS="-p $PORT"
-[ -z "$SOCKET_DIR" ] || PG_OPTS+=" -c unix_socket_directories='$SOCKET_DIR'"
-say "starting the standby: pg_ctl -D $PGDATA_DIR -o \"$PG_OPTS\" -l $PG_LOG start"
-# -W: we wait ourselves below, with our own timeout and a check that the server is alive.
-as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -o "$PG_OPTS" -l "$PG_LOG" -W start >/dev/null \
-    || die "pg_ctl start failed: see $PG_LOG"
+# No -o: bootstrap wrote the port (and the socket directory and addresses, when given) into
+# postgresql.auto.conf, so this start is the same as any later one, by hand or by a service
+# manager.
 
-# Where to reach it: postmaster.pid has the socket directory (line 5) and listen address (6).
-say "waiting for the standby to reach a consistent state and accept read-only queries (up to ${TIMEOUT}s)"
-started=$(date +%s)
-deadline=$((started + TIMEOUT))
-host="" in_recovery="" last_err=""
-while :; do
-    # (pg_ctl -W returns before the postmaster writes postmaster.pid: give it 15 s to appear)
-    if [ -f "$PGDATA_DIR/postmaster.pid" ] || [ $(($(date +%s) - started)) -ge 15 ]; then
-        if ! as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" status >/dev/null 2>&1; then
+# standby_psql SQL: one query on the standby, made as the operator's own psql would make it:
+# as the user running this script, with its PGPASSWORD, PGPASSFILE, ~/.pgpass and PGSSL*
+# settings. As root, when the standby refuses root by peer authentication (Debian's
+# "local all postgres peer"), as the postgres OS user instead. Prints the result or psql's
+# error, and returns psql's exit status. Never prompts for a password.
+standby_psql() {
+    local out rc=0
+    out=$("$PG_BIN/psql" -XAtqw -h "$host" -p "$PORT" -U "$DB_USER" -d postgres -c "$1" 2>&1) || rc=$?
+    if [ "$rc" != 0 ] && $IS_ROOT && [[ $out == *"Peer authentication failed"* ]]; then
+        rc=0
+        out=$(runuser -u postgres -- "$PG_BIN/psql" -XAtqw -h "$host" -p "$PORT" -U "$DB_USER" \
+            -d postgres -c "$1" 2>&1) || rc=$?
+    fi
+    printf '%s' "$out"
+    return "$rc"
+}
+# login_refused ERROR: whether psql's ERROR is one that waiting cannot fix: the server is up
+# and accepted the connection, but refused the login.
+login_refused() {
+    case $1 in
+        *"authentication failed"*|*"no password supplied"*|*"no pg_hba.conf entry"*|\
+        *"does not exist"*|*"permission denied"*) return 0 ;;
+    esac
+    return 1
+}
+
+# wait_ready: waits until the standby accepts read-only queries in recovery; sets READY, or
+# REASON to why not.
+READY=false REASON="" host=""
+wait_ready() {
+    # Where to reach it: postmaster.pid has the socket directory (line 5) and listen address (6).
+    say "waiting for the standby to reach a consistent state and accept read-only queries (up to ${TIMEOUT}s)"
+    local started deadline out last_err=""
+    started=$(date +%s)
+    deadline=$((started + TIMEOUT))
+    while :; do
+        # (pg_ctl -W returns before the postmaster writes postmaster.pid: give it 15 s to appear)
+        if [ -f "$PGDATA_DIR/postmaster.pid" ] || [ $(($(date +%s) - started)) -ge 15 ]; then
+            if ! as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" status >/dev/null 2>&1; then
+                tail -n 20 "$PG_LOG" >&2 || true
+                REASON="the standby is not running: see $PG_LOG"
+                return
+            fi
+        fi
+        if [ -z "$host" ] && [ -f "$PGDATA_DIR/postmaster.pid" ]; then
+            host=$(sed -n 5p "$PGDATA_DIR/postmaster.pid")
+            if [ -z "$host" ]; then
+                host=$(sed -n 6p "$PGDATA_DIR/postmaster.pid")
+                [ "$host" != "*" ] || host=localhost
+            fi
+        fi
+        if [ -n "$host" ] && as_pg "$PG_BIN/pg_isready" -q -h "$host" -p "$PORT" >/dev/null 2>&1; then
+            if out=$(standby_psql "SELECT pg_is_in_recovery()"); then
+                if [ "$out" = t ]; then READY=true; return; fi
+                if [ "$out" = f ]; then
+                    REASON="the server on port $PORT is up but not in recovery: it is not a standby"
+                    return
+                fi
+            elif login_refused "$out"; then
+                REASON="the standby is up and accepts connections on port $PORT, but the check could not log in as role '$DB_USER': ${out//$'\n'/ }. Give the password as for any psql (PGPASSWORD, PGPASSFILE or ~/.pgpass) or another --db-user; check it yourself with: psql -h $host -p $PORT -U $DB_USER -d postgres -c 'SELECT pg_is_in_recovery()'"
+                return
+            fi
+            last_err=$out
+        fi
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+            [ -z "$last_err" ] || printf 'last psql error: %s\n' "$last_err" >&2
             tail -n 20 "$PG_LOG" >&2 || true
-            die "the standby is not running: see $PG_LOG"
+            REASON="the standby did not accept read-only queries within ${TIMEOUT}s (it is still running; see $PG_LOG)"
+            return
         fi
-    fi
-    if [ -z "$host" ] && [ -f "$PGDATA_DIR/postmaster.pid" ]; then
-        host=$(sed -n 5p "$PGDATA_DIR/postmaster.pid")
-        if [ -z "$host" ]; then
-            host=$(sed -n 6p "$PGDATA_DIR/postmaster.pid")
-            [ "$host" != "*" ] || host=localhost
-        fi
-    fi
-    if [ -n "$host" ] && as_pg "$PG_BIN/pg_isready" -q -h "$host" -p "$PORT" >/dev/null 2>&1; then
-        if in_recovery=$(as_pg "$PG_BIN/psql" -XAtqw -h "$host" -p "$PORT" -U "$DB_USER" -d postgres \
-                -c "SELECT pg_is_in_recovery()" 2>&1); then
-            [ "$in_recovery" = t ] && break
-            [ "$in_recovery" = f ] && die "the server on port $PORT is up but not in recovery: it is not a standby"
-        fi
-        last_err=$in_recovery
-    fi
-    if [ "$(date +%s)" -ge "$deadline" ]; then
-        [ -z "$last_err" ] || printf 'last psql error: %s\n' "$last_err" >&2
-        tail -n 20 "$PG_LOG" >&2 || true
-        die "the standby did not accept read-only queries within ${TIMEOUT}s (it is still running; see $PG_LOG)"
-    fi
-    sleep 1
-done
+        sleep 1
+    done
+}
+
+say "starting the standby: pg_ctl -D $PGDATA_DIR -l $PG_LOG start"
+# -W: we wait ourselves, with our own timeout and a check that the server is alive.
+if as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" -l "$PG_LOG" -W start >/dev/null; then
+    wait_ready
+else
+    REASON="pg_ctl start failed: see $PG_LOG"
+fi
 
 feed="restore_command from $WAL_DIR"
-if [ "$FEED" = stream ]; then
+$READY || feed="not checked"
+if $READY && [ "$FEED" = stream ]; then
     feed="restore_command (not streaming yet: see $FOLLOW_LOG)"
     for _ in $(seq 20); do
-        st=$(as_pg "$PG_BIN/psql" -XAtqw -h "$host" -p "$PORT" -U "$DB_USER" -d postgres \
-            -c "SELECT status FROM pg_stat_wal_receiver" 2>/dev/null || true)
+        st=$(standby_psql "SELECT status FROM pg_stat_wal_receiver" 2>/dev/null || true)
         if [ "$st" = streaming ]; then feed="streaming from wal-receiver ($WAL_DIR/.s.PGSQL.5432)"; break; fi
         sleep 0.5
     done
 fi
 
+# The summary, whether or not the standby was confirmed ready: what runs, and how to stop
+# and restart it.
+trap - EXIT
+if $READY; then
+    headline="the standby is up and in recovery"
+else
+    headline="the standby was started, but is not confirmed ready (reason below)"
+fi
+[ -n "$host" ] || host=${SOCKET_DIR:-"(its unix_socket_directories)"}
+follow_state="pid $FPID"
+kill -0 "$FPID" 2>/dev/null || follow_state="NOT RUNNING (was pid $FPID)"
+standby_state="running"
+as_pg "$PG_BIN/pg_ctl" -D "$PGDATA_DIR" status >/dev/null 2>&1 || standby_state="NOT RUNNING"
+follow_cmd=$(printf '%q ' "$RECEIVER" follow "${SENDER_ARGS[@]}" --name "$NAME" --wal-dir "$WAL_DIR" \
+    "${TLS_ARGS[@]+"${TLS_ARGS[@]}"}" "${SERVE_ARGS[@]+"${SERVE_ARGS[@]}"}")
 cat <<EOF
-==> the standby is up and in recovery
+==> $headline
 
-  standby:               $PGDATA_DIR, port $PORT, socket directory $host
+  standby:               $PGDATA_DIR ($standby_state), port $PORT, socket directory $host
                          log $PG_LOG
                          connect: psql -h $host -p $PORT -U $DB_USER postgres
-  wal-receiver follow:   pid $FPID (in $FOLLOW_PID), receiver '$NAME' of $SENDER
+  wal-receiver follow:   $follow_state (in $FOLLOW_PID), receiver '$NAME' of $SENDER
                          log $FOLLOW_LOG
   WAL store:             $WAL_DIR   ($RECEIVER status --wal-dir $WAL_DIR)
   WAL feed:              $feed
@@ -361,6 +455,9 @@ cat <<EOF
 To stop it:
   ${AS_PG}$PG_BIN/pg_ctl -D $PGDATA_DIR stop
   kill \$(cat $FOLLOW_PID)        # SIGTERM: wal-receiver flushes and exits
+To start the standby again (its port is in its postgresql.auto.conf):
+  ${AS_PG}$PG_BIN/pg_ctl -D $PGDATA_DIR -l $PG_LOG start
 To start the receiver again (it resumes where it stopped):
-  nohup ${AS_PG}$RECEIVER follow ${SENDER_ARGS[*]} --name $NAME --wal-dir $WAL_DIR${TLS_ARGS[*]+ ${TLS_ARGS[*]}}${SERVE_ARGS[*]+ ${SERVE_ARGS[*]}} >>$FOLLOW_LOG 2>&1 &
+  nohup ${AS_PG}${follow_cmd}>>$FOLLOW_LOG 2>&1 &
 EOF
+$READY || die "$REASON"

@@ -3,17 +3,21 @@
 #   primary + pgbench load -> wal-sender -> wal-receiver bootstrap + follow -> hot standby,
 #   then the receiver is killed with SIGKILL and restarted, the standby catches up, and the
 #   standby's data is compared with the primary's.
-# Runs with no arguments, as root or not. Installs PostgreSQL 15 if missing (apt-get) and
-# builds walship (cargo build --release --bins). Everything it starts is stopped and removed
-# on exit, also on failure or Ctrl-C.
+# Runs with no arguments, as root or not. Installs PostgreSQL 15 if missing (apt-get). In a
+# source tree it builds walship (cargo build --release --bins); installed (the Debian
+# package puts it in /usr/share/walship/scripts), it runs the wal-sender and wal-receiver
+# found in PATH. Everything it starts is stopped and removed on exit, also on failure or
+# Ctrl-C.
 #
 # Environment:
-#   WALSHIP_BIN=DIR   use the wal-sender and wal-receiver in DIR instead of building them
-#   DEMO_KEEP=1       keep the temporary directory (data directories, WAL store, logs)
+#   WALSHIP_BIN_DIR=DIR  use the wal-sender and wal-receiver in DIR (e.g. /usr/bin)
+#   PG_BIN=DIR           the PostgreSQL programs to run, of 15, 16, 17 or 18 (default
+#                        /usr/lib/postgresql/15/bin; scripts/install-pg.sh installs 16 to 18)
+#   DEMO_KEEP=1          keep the temporary directory (data directories, WAL store, logs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-PG_BIN=/usr/lib/postgresql/15/bin
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 NAME=demo
 PRIMARY_PORT=5432
 STANDBY_PORT=5433
@@ -31,6 +35,7 @@ as_pg() { if $IS_ROOT; then runuser -u postgres -- "$@"; else "$@"; fi; }
 # --- 1. what is missing ---------------------------------------------------------------------
 install_postgres() {
     [ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/pgbench" ] && [ -x "$PG_BIN/pg_isready" ] && return
+    [ "$PG_BIN" = /usr/lib/postgresql/15/bin ] || die "PG_BIN=$PG_BIN lacks initdb, pgbench or pg_isready (scripts/install-pg.sh installs PostgreSQL 16 to 18 with them)"
     say "installing PostgreSQL 15 (apt-get install postgresql-15)"
     $IS_ROOT || command -v sudo >/dev/null || die "PostgreSQL 15 is missing and sudo is not installed: run this as root"
     as_root apt-get update -qq
@@ -40,15 +45,20 @@ install_postgres() {
 }
 
 build_walship() {
-    if [ -n "${WALSHIP_BIN:-}" ]; then
-        say "using the walship binaries in $WALSHIP_BIN (WALSHIP_BIN is set: not building)"
-        BUILT=$WALSHIP_BIN
-    else
+    if [ -n "${WALSHIP_BIN_DIR:-}" ]; then
+        say "using the walship binaries in $WALSHIP_BIN_DIR (WALSHIP_BIN_DIR is set: not building)"
+        BUILT=$WALSHIP_BIN_DIR
+    elif [ -f "$REPO/Cargo.toml" ]; then
         if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then PATH="$HOME/.cargo/bin:$PATH"; fi
         command -v cargo >/dev/null || die "cargo is missing: install Rust with rustup (https://rustup.rs), then run this again"
         say "building walship: cargo build --release --bins"
         cargo build --release --bins || die "cargo build failed"
         BUILT=$REPO/target/release
+    else
+        # Installed, not in a source tree: the programs in PATH.
+        command -v wal-receiver >/dev/null || die "wal-receiver is not in PATH: install walship, or set WALSHIP_BIN_DIR"
+        BUILT=$(dirname "$(command -v wal-receiver)")
+        say "using the installed walship binaries in $BUILT"
     fi
     for b in wal-sender wal-receiver; do [ -x "$BUILT/$b" ] || die "$BUILT/$b is missing"; done
 }
@@ -58,15 +68,26 @@ if $IS_ROOT && ! id postgres >/dev/null 2>&1; then die "running as root, but the
 build_walship
 
 # --- the temporary directory and the clean-up -----------------------------------------------
+# From here on, what the demo creates is private, as PostgreSQL's data directory (not
+# before: apt-get and cargo keep the modes they need).
+umask 077
 WORK=$(mktemp -d /tmp/walship-demo.XXXXXX)
-chmod 755 "$WORK"
+chmod 700 "$WORK"
 if $IS_ROOT; then chown postgres: "$WORK"; fi
-# A copy of the binaries that the postgres user can run (the repo may be under /root); the
-# standby's restore_command points at it.
-BIN=$WORK/bin
-mkdir "$BIN"
-cp "$BUILT/wal-sender" "$BUILT/wal-receiver" "$BIN/"
-chmod 755 "$BIN" "$BIN"/*
+# The standby's restore_command runs wal-receiver as the postgres user, and names the
+# wal-receiver that ran bootstrap. Binaries postgres cannot run where they are (a source
+# tree under /root) are copied for it.
+BIN=$(cd "$BUILT" && pwd -P)
+if $IS_ROOT && ! runuser -u postgres -- test -x "$BIN/wal-receiver"; then
+    BIN=$WORK/bin
+    mkdir "$BIN"
+    cp "$BUILT/wal-sender" "$BUILT/wal-receiver" "$BIN/"
+    chmod 755 "$BIN" "$BIN"/*
+    info "(copied to $BIN: the postgres user cannot run them in $BUILT)"
+fi
+for b in wal-sender wal-receiver; do
+    info "$b: $BIN/$b ($("$BIN/$b" --version))"
+done
 PRIMARY=$WORK/primary STANDBY=$WORK/standby WAL=$WORK/standby.wal
 PSOCK=$WORK/primary-sock SSOCK=$WORK/standby-sock
 CONN="host=$PSOCK port=$PRIMARY_PORT user=postgres dbname=postgres"
@@ -207,26 +228,28 @@ alive "$PGBENCH_PID" || die "pgbench stopped (see $WORK/pgbench.log)"
 info "primary flush LSN $(psql_p "SELECT pg_current_wal_flush_lsn()"), $(psql_p "SELECT count(*) FROM pgbench_history") transactions so far"
 
 # --- 4. bootstrap, follow, standby ----------------------------------------------------------------
-say "wal-receiver bootstrap --sender $SENDER_ADDR --name $NAME --pgdata $STANDBY --wal-dir $WAL  (under load)"
+say "wal-receiver bootstrap --sender $SENDER_ADDR --name $NAME --pgdata $STANDBY --wal-dir $WAL --port $STANDBY_PORT --socket-dir $SSOCK --listen-addresses ''  (under load)"
 t0=$SECONDS
 as_pg "$BIN/wal-receiver" bootstrap --sender "$SENDER_ADDR" --name "$NAME" --pgdata "$STANDBY" --wal-dir "$WAL" \
+    --port "$STANDBY_PORT" --socket-dir "$SSOCK" --listen-addresses '' \
     > "$WORK/bootstrap.log" 2>&1 || die "wal-receiver bootstrap failed (exit $?)"
 info "done in $((SECONDS - t0))s: $(du -sh "$STANDBY" | cut -f1) of data directory"
 grep -o "snapshot received.*" "$WORK/bootstrap.log" | sed 's/^/    bootstrap log: /' || true
 info "the standby's recovery settings:"
-grep -hE "^[[:space:]]*(primary_conninfo|restore_command|recovery_target|wal_retrieve_retry_interval)" \
-    "$STANDBY/postgresql.conf" "$STANDBY/postgresql.auto.conf" 2>/dev/null | sed 's/^/      /' || true
+grep -hE "^[[:space:]]*(primary_conninfo|restore_command|recovery_target|wal_retrieve_retry_interval|port|unix_socket_directories|listen_addresses)" \
+    "$STANDBY/postgresql.auto.conf" 2>/dev/null | sed 's/^/      /' || true
 [ -f "$STANDBY/standby.signal" ] || die "bootstrap left no standby.signal in $STANDBY"
+grep -qF "restore_command = '$(realpath "$BIN/wal-receiver") restore-wal " "$STANDBY/postgresql.auto.conf" \
+    || die "the standby's restore_command does not run $BIN/wal-receiver"
 
 say "starting wal-receiver follow --sender $SENDER_ADDR --name $NAME --wal-dir $WAL --serve-standby $WAL"
 info "(--serve-standby: the standby streams from the receiver over PostgreSQL's replication protocol)"
 spawn FOLLOW_PID "$WORK/follow.log" pg "$BIN/wal-receiver" follow --sender "$SENDER_ADDR" --name "$NAME" --wal-dir "$WAL" --serve-standby "$WAL"
 
-say "starting the standby on port $STANDBY_PORT (socket $SSOCK); waiting for read-only queries"
+say "starting the standby: pg_ctl -D $STANDBY start (no options: bootstrap wrote port $STANDBY_PORT and socket $SSOCK into its configuration); waiting for read-only queries"
 as_pg touch "$WORK/standby.log"
 STANDBY_STARTED=$SECONDS
-as_pg "$PG_BIN/pg_ctl" -D "$STANDBY" -l "$WORK/standby.log" -W start \
-    -o "-p $STANDBY_PORT -c listen_addresses='' -c unix_socket_directories='$SSOCK'" >/dev/null || die "pg_ctl start of the standby failed"
+as_pg "$PG_BIN/pg_ctl" -D "$STANDBY" -l "$WORK/standby.log" -W start >/dev/null || die "pg_ctl start of the standby failed"
 wait_for 180 "the standby accepting read-only queries" standby_ready
 info "the standby answers after $((SECONDS - STANDBY_STARTED))s: pg_is_in_recovery() = $(psql_s "SELECT pg_is_in_recovery()"), $(psql_s "SELECT count(*) FROM pgbench_history") transactions visible"
 check_running

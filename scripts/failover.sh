@@ -37,10 +37,11 @@ Per candidate (each --candidate starts a new one; the flags after it describe it
                               --sender-arg --tls-cert --sender-arg FILE
 
 Options:
-  --bin DIR                   where wal-receiver and wal-sender live (default: the
-                              directory of 'command -v wal-receiver', else
-                              $REPO/target/release)
-  --pg-bin DIR                PostgreSQL binaries (default: /usr/lib/postgresql/15/bin)
+  --bin DIR                   where wal-receiver and wal-sender live (default:
+                              \$WALSHIP_BIN_DIR, else the directory of 'command -v
+                              wal-receiver', else $REPO/target/release)
+  --pg-bin DIR                PostgreSQL binaries (default: /usr/lib/postgresql/N/bin, N
+                              the major version in the chosen standby's PG_VERSION)
   --wait SECONDS              how long the chosen standby may take to catch up, and to
                               promote (default: 120)
   --allow-missing             choose among the candidates whose state can be read, even if
@@ -61,7 +62,7 @@ refuse() { printf 'REFUSED: %s\n' "$*" >&2; exit 1; }
 usage_error() { printf 'error: %s (see --help)\n' "$*" >&2; exit 2; }
 
 NAMES=() WAL_DIRS=() PGDATAS=() STANDBYS=() LISTENS=() PG_CONNS=() SENDER_ARGS=()
-BIN="" PG_BIN=/usr/lib/postgresql/15/bin WAIT=120 ALLOW_MISSING=false DRY_RUN=false
+BIN="${WALSHIP_BIN_DIR:-}" PG_BIN="" WAIT=120 ALLOW_MISSING=false DRY_RUN=false
 n=-1
 need_value() { if [ $# -lt 2 ] || [ -z "$2" ]; then usage_error "$1 needs a value"; fi; }
 need_candidate() { [ "$n" -ge 0 ] || usage_error "$1 must follow a --candidate"; }
@@ -100,7 +101,15 @@ if [ -z "$BIN" ]; then
     else BIN=$REPO/target/release; fi
 fi
 for b in wal-receiver wal-sender; do [ -x "$BIN/$b" ] || refuse "$BIN/$b is missing (give --bin)"; done
-[ -x "$PG_BIN/pg_ctl" ] || refuse "$PG_BIN/pg_ctl is missing (give --pg-bin)"
+# The programs of the major version a data directory holds: --pg-bin, else Debian's.
+pg_bin_for() {
+    if [ -n "$PG_BIN" ]; then echo "$PG_BIN"
+    else echo "/usr/lib/postgresql/$(cat "$1/PG_VERSION" 2>/dev/null || echo unknown)/bin"; fi
+}
+for d in "${PGDATAS[@]}"; do
+    [ -r "$d/PG_VERSION" ] || [ -n "$PG_BIN" ] || continue # reported with its candidate below
+    [ -x "$(pg_bin_for "$d")/pg_ctl" ] || refuse "$(pg_bin_for "$d")/pg_ctl is missing, for $d (give --pg-bin)"
+done
 
 # An LSN X/Y as one number, for comparisons.
 lsn_num() { local hi=${1%/*} lo=${1#*/}; echo $(( (16#$hi << 32) + 16#$lo )); }
@@ -185,7 +194,7 @@ say "caught up: received ${recv:-(restore_command)}, replayed $replay, store $fl
 
 # 3. Promote.
 say "promoting ${PGDATAS[B]}"
-as_owner "${PGDATAS[B]}" "$PG_BIN/pg_ctl" promote -D "${PGDATAS[B]}" -w -t "$WAIT" >/dev/null \
+as_owner "${PGDATAS[B]}" "$(pg_bin_for "${PGDATAS[B]}")/pg_ctl" promote -D "${PGDATAS[B]}" -w -t "$WAIT" >/dev/null \
     || refuse "pg_ctl promote failed for ${PGDATAS[B]}"
 hist=$(ls "${PGDATAS[B]}/pg_wal/" 2>/dev/null | grep -E '^[0-9A-F]{8}\.history$' | sort | tail -1 || true)
 if [ -n "$hist" ]; then

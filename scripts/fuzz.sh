@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A long fuzzing pass over everything walship reads from the network or from disk: the
-# frame decoder, the handshake and protocol messages, the state-file parser and the
-# snapshot path checks. These are the property tests that scripts/test.sh runs briefly
+# frame decoder, the handshake and protocol messages, the state-file parser, the names of
+# the files in a WAL store, history files, --target-time and the snapshot path checks. These are the property tests that scripts/test.sh runs briefly
 # (256 cases each), here with many more random cases.
 #
 # Environment:

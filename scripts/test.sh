@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Installs what is missing (Rust components, PostgreSQL 15) and runs the whole test suite:
-# formatting, clippy, unit tests and the end-to-end tests against real PostgreSQL 15.
+# Installs what is missing (Rust components, PostgreSQL 15 from Debian, 16 to 18 with
+# scripts/install-pg.sh) and runs the whole test suite: formatting, clippy, unit tests and the
+# end-to-end tests against real PostgreSQL 15, then the end-to-end tests of every feature
+# area (tests/tests/versions.rs) against 16, 17 and 18.
 #
 # Environment:
 #   WALSHIP_TEST_THREADS   tests run at once (default 2)
 #   WALSHIP_KEEP_TEST_DIRS keep every test's directory (logs, stores) for inspection
+#   WALSHIP_PG_MAJORS      the majors besides 15 to run tests/tests/versions.rs on: some
+#                          of 16, 17 and 18 (default all three)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PG_BIN=/usr/lib/postgresql/15/bin
+read -r -a MAJORS <<<"${WALSHIP_PG_MAJORS:-16 17 18}"
 say() { printf '==> %s\n' "$*"; }
 
 as_root() {
@@ -20,6 +25,8 @@ if [ ! -x "$PG_BIN/initdb" ] || [ ! -x "$PG_BIN/pg_waldump" ] || [ ! -x "$PG_BIN
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15 >/dev/null
 fi
+say "PostgreSQL ${MAJORS[*]} (scripts/install-pg.sh)"
+eval "$(bash scripts/install-pg.sh "${MAJORS[@]}")"
 if ! command -v jq >/dev/null 2>&1; then
     # scripts/failover.sh reads 'wal-receiver status --json' with jq.
     say "installing jq"
@@ -47,5 +54,24 @@ say "cargo clippy"
 cargo clippy --release --all-targets -- -D warnings
 say "cargo build"
 cargo build --release --all-targets
-say "tests"
-PROPTEST_CASES="${PROPTEST_CASES:-256}" RUST_BACKTRACE=0 cargo test --release --workspace -- --test-threads="${WALSHIP_TEST_THREADS:-2}"
+# The programs of PostgreSQL $1 (15 is Debian's).
+pg_bin() { if [ "$1" = 15 ]; then echo "$PG_BIN"; else local v="PG$1_BIN"; echo "${!v}"; fi; }
+pg_version() { "$(pg_bin "$1")/postgres" --version | awk '{print $3}'; }
+# tests/tests/versions.rs also checks that a store refuses a primary of another major: the
+# next one in the matrix (the last one's is 15).
+ALL=(15 "${MAJORS[@]}")
+other_major() {
+    local i
+    for i in "${!ALL[@]}"; do
+        if [ "${ALL[i]}" = "$1" ]; then echo "${ALL[(i + 1) % ${#ALL[@]}]}"; return; fi
+    done
+}
+
+say "tests, on PostgreSQL $(pg_version 15)"
+PROPTEST_CASES="${PROPTEST_CASES:-256}" RUST_BACKTRACE=0 WALSHIP_PG_OTHER_BIN="$(pg_bin "$(other_major 15)")" \
+    cargo test --release --workspace -- --test-threads="${WALSHIP_TEST_THREADS:-2}" --show-output
+for major in "${MAJORS[@]}"; do
+    say "tests/tests/versions.rs, on PostgreSQL $(pg_version "$major")"
+    RUST_BACKTRACE=0 WALSHIP_PG_BIN="$(pg_bin "$major")" WALSHIP_PG_OTHER_BIN="$(pg_bin "$(other_major "$major")")" \
+        cargo test --release -p walship-tests --test versions -- --test-threads="${WALSHIP_TEST_THREADS:-2}" --show-output
+done

@@ -9,11 +9,15 @@
 //! - [`timeline`]: timeline history files.
 //! - [`pgtime`]: PostgreSQL's timestamps.
 //! - [`tls`]: TLS configuration and the plain-or-TLS stream halves.
+//! - [`conninfo`]: libpq connection strings, environment defaults and password files.
+//! - [`pgclient`]: connecting to PostgreSQL with TLS by `sslmode`, and what a failure means.
 
+pub mod conninfo;
 pub mod durable;
 pub mod frame;
 pub mod logging;
 pub mod lsn;
+pub mod pgclient;
 pub mod pgtime;
 pub mod protocol;
 pub mod segment;

@@ -134,6 +134,10 @@ pub enum ErrorCode {
     BadRequest = 5,
     /// TLS is required, or the receiver's certificate does not allow the name it gave.
     Auth = 6,
+    /// The sender cannot use its PostgreSQL server as configured (authentication, a role,
+    /// a database, a grant, a setting); retrying cannot help. The message names the fix.
+    /// Older receivers read it as `Other` and retry.
+    Setup = 7,
 }
 
 impl ErrorCode {
@@ -144,6 +148,7 @@ impl ErrorCode {
             4 => ErrorCode::WalGone,
             5 => ErrorCode::BadRequest,
             6 => ErrorCode::Auth,
+            7 => ErrorCode::Setup,
             _ => ErrorCode::Other,
         }
     }

@@ -106,20 +106,26 @@ impl WalFileName {
 
     /// Parses exactly a segment or history file name (upper-case hex, no path, no suffix).
     /// Anything else, including names that would point outside a directory, is `None`.
+    ///
+    /// Names come from directories and command lines, so any string is handled: only ASCII
+    /// bytes are looked at, and a name is cut into its fields as bytes, never as `str`
+    /// (which panics inside a multi-byte character).
     pub fn parse(name: &str, seg_size: WalSegSize) -> Option<WalFileName> {
-        let hex = |s: &str| -> Option<u64> {
-            if s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+        let hex = |s: &[u8]| -> Option<u64> {
+            if s.len() == 8
+                && s.iter()
+                    .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b))
             {
-                u64::from_str_radix(s, 16).ok()
+                // Eight hex digits: at most u32::MAX.
+                s.iter().try_fold(0u64, |acc, &b| {
+                    Some(acc << 4 | u64::from((b as char).to_digit(16)?))
+                })
             } else {
                 None
             }
         };
-        if let Some(tli) = name.strip_suffix(".history") {
-            if tli.len() != 8 {
-                return None;
-            }
+        let name = name.as_bytes();
+        if let Some(tli) = name.strip_suffix(b".history") {
             let tli = hex(tli)?;
             return (tli != 0).then_some(WalFileName::History(TimelineId(tli as u32)));
         }
@@ -226,6 +232,13 @@ mod tests {
             "00000000.history",
             "0000001.history",
             "0000000a.history",
+            // 24 bytes with a multi-byte character across a field boundary (byte 8, 16).
+            "0000000\u{e9}000000000000023",
+            "000000010000000\u{20ac}000023",
+            "0000000100000000000000\u{e9}",
+            "0000000\u{e9}.history",
+            "000000010000000000000023\u{e9}.partial",
+            "\u{1f600}\u{1f600}\u{1f600}\u{1f600}\u{1f600}\u{1f600}",
         ] {
             assert_eq!(WalFileName::parse(bad, s16), None, "{bad:?}");
         }

@@ -1,6 +1,10 @@
-//! The end-to-end test harness: real PostgreSQL 15 servers, real wal-sender and wal-receiver
+//! The end-to-end test harness: real PostgreSQL servers, real wal-sender and wal-receiver
 //! processes, and PostgreSQL's own tools as the oracle.
 //!
+//! - [`pg_bin`]: the PostgreSQL programs under test, 15 unless `WALSHIP_PG_BIN` names those
+//!   of another major version (`scripts/test.sh` runs `tests/versions.rs` on 16, 17 and 18).
+//!   Each server gets its own socket directory: builds differ in their default (Debian's is
+//!   `/var/run/postgresql`, the builds `scripts/install-pg.sh` installs use `/tmp`).
 //! - [`TestDir`]: a unique temporary directory per test, removed on success.
 //! - [`Pg`]: an initdb'd cluster on a Unix socket in that directory, stopped on drop. When
 //!   the tests run as root, every PostgreSQL server command runs as the `postgres` user.
@@ -23,7 +27,46 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use walship_common::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegSize};
 
+/// PostgreSQL 15's programs where Debian installs them: the default of [`pg_bin`].
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// The PostgreSQL programs the tests run: `WALSHIP_PG_BIN`, or [`PG_BIN`].
+pub fn pg_bin() -> PathBuf {
+    std::env::var_os("WALSHIP_PG_BIN")
+        .filter(|b| !b.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(PG_BIN))
+}
+
+/// `pg_bin()/name`: a PostgreSQL program of the version under test.
+pub fn pg_tool(name: &str) -> PathBuf {
+    pg_bin().join(name)
+}
+
+/// The version of the PostgreSQL programs in `bin`, as `postgres --version` gives it
+/// (`"18.6"`).
+pub fn pg_version_of(bin: &Path) -> Result<String> {
+    let out = run({
+        let mut c = Command::new(bin.join("postgres"));
+        c.arg("--version");
+        c
+    })?;
+    // "postgres (PostgreSQL) 18.6" or "postgres (PostgreSQL) 15.15 (Debian 15.15-0+deb12u1)"
+    out.split_whitespace()
+        .nth(2)
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("{}: no version in {out:?}", bin.display()))
+}
+
+/// The major version of the PostgreSQL programs in `bin` (18 for "18.6").
+pub fn pg_major_of(bin: &Path) -> Result<u32> {
+    let v = pg_version_of(bin)?;
+    v.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|m| m.parse().ok())
+        .ok_or_else(|| anyhow!("{}: version {v:?} has no major number", bin.display()))
+}
+
 /// Generous: only to keep a broken test from hanging forever.
 pub const PATIENCE: Duration = Duration::from_secs(180);
 
@@ -120,18 +163,15 @@ pub fn as_postgres(mut cmd: Command) -> Command {
     cmd
 }
 
-fn pg_tool(name: &str) -> PathBuf {
-    Path::new(PG_BIN).join(name)
-}
-
-/// A command for a PostgreSQL server program, run as `postgres` when we are root.
-fn pg_server_cmd(name: &str) -> Command {
+/// A command for the PostgreSQL server program `bin/name`, run as `postgres` when we are
+/// root.
+fn pg_server_cmd(bin: &Path, name: &str) -> Command {
     if is_root() {
         let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(pg_tool(name));
+        c.args(["-u", "postgres", "--"]).arg(bin.join(name));
         c
     } else {
-        Command::new(pg_tool(name))
+        Command::new(bin.join(name))
     }
 }
 
@@ -210,18 +250,27 @@ impl Drop for TestDir {
     }
 }
 
-/// A PostgreSQL 15 cluster listening only on a Unix socket.
+/// A PostgreSQL cluster listening only on a Unix socket.
 pub struct Pg {
     pub data: PathBuf,
     pub sock: PathBuf,
     pub port: u16,
+    /// The PostgreSQL programs that run it and talk to it.
+    pub bin: PathBuf,
     log: PathBuf,
     running: bool,
 }
 
 impl Pg {
-    /// initdb and start a primary. `extra_conf` lines go into postgresql.conf.
+    /// initdb and start a primary of the version under test ([`pg_bin`]). `extra_conf`
+    /// lines go into postgresql.conf.
     pub fn start_primary(dir: &TestDir, name: &str, extra_conf: &str) -> Result<Pg> {
+        Pg::start_primary_of(&pg_bin(), dir, name, extra_conf)
+    }
+
+    /// [`Pg::start_primary`] with the PostgreSQL programs in `bin`. initdb's defaults stand,
+    /// data checksums among them (on from PostgreSQL 18).
+    pub fn start_primary_of(bin: &Path, dir: &TestDir, name: &str, extra_conf: &str) -> Result<Pg> {
         let data = dir.join(name);
         let sock = dir.join(&format!("{name}-sock"));
         fs::create_dir_all(&sock)?;
@@ -232,7 +281,7 @@ impl Pg {
                 c
             })?;
         }
-        let mut c = pg_server_cmd("initdb");
+        let mut c = pg_server_cmd(bin, "initdb");
         c.arg("-D")
             .arg(&data)
             .args(["-A", "trust", "-U", "postgres", "--no-sync"]);
@@ -249,6 +298,7 @@ impl Pg {
             data,
             sock,
             port: 5432,
+            bin: bin.to_owned(),
             log: dir.join(&format!("{name}.log")),
             running: false,
         };
@@ -268,6 +318,7 @@ impl Pg {
             data: data.to_owned(),
             sock: sock.clone(),
             port: 5432,
+            bin: pg_bin(),
             log: dir.join(&format!("{name}.log")),
             running: false,
         };
@@ -280,6 +331,29 @@ impl Pg {
         Ok(pg)
     }
 
+    /// Starts a server on an existing data directory with a plain `pg_ctl start`, no `-o`:
+    /// it listens where its own configuration says, which the caller states as `sock` and
+    /// `port` (the handle connects there).
+    pub fn start_as_configured(
+        dir: &TestDir,
+        data: &Path,
+        name: &str,
+        sock: &Path,
+        port: u16,
+    ) -> Result<Pg> {
+        let mut pg = Pg {
+            data: data.to_owned(),
+            sock: sock.to_owned(),
+            port,
+            bin: pg_bin(),
+            log: dir.join(&format!("{name}.log")),
+            running: false,
+        };
+        pg.ctl(&["start", "-w", "-t", "180"])?;
+        pg.running = true;
+        Ok(pg)
+    }
+
     /// Tries to start a server on `data` and reports whether PostgreSQL accepted it.
     pub fn would_start(dir: &TestDir, data: &Path) -> bool {
         let sock = dir.join("probe-sock");
@@ -287,7 +361,7 @@ impl Pg {
         if let Some((uid, gid)) = postgres_ids() {
             let _ = nix::unistd::chown(&sock, Some(uid.into()), Some(gid.into()));
         }
-        let mut c = pg_server_cmd("pg_ctl");
+        let mut c = pg_server_cmd(&pg_bin(), "pg_ctl");
         let opts = format!(
             "-c unix_socket_directories='{}' -c port=5432 -c listen_addresses=''",
             sock.display()
@@ -299,7 +373,7 @@ impl Pg {
             .args(["start", "-w", "-t", "20", "-o", &opts]);
         let started = run(c).is_ok();
         if started {
-            let mut c = pg_server_cmd("pg_ctl");
+            let mut c = pg_server_cmd(&pg_bin(), "pg_ctl");
             c.arg("-D")
                 .arg(data)
                 .args(["stop", "-m", "immediate", "-w"]);
@@ -309,7 +383,7 @@ impl Pg {
     }
 
     fn ctl(&self, args: &[&str]) -> Result<String> {
-        let mut c = pg_server_cmd("pg_ctl");
+        let mut c = pg_server_cmd(&self.bin, "pg_ctl");
         c.arg("-D")
             .arg(&self.data)
             .arg("-l")
@@ -356,7 +430,7 @@ impl Pg {
 
     /// `psql` on this server with stdin open, for a session a test keeps open.
     pub fn psql_session(&self) -> Result<Child> {
-        let mut c = Command::new(pg_tool("psql"));
+        let mut c = Command::new(self.bin.join("psql"));
         c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
             .arg(self.conninfo())
             .stdin(Stdio::piped())
@@ -376,7 +450,7 @@ impl Pg {
 
     /// Runs SQL with psql and returns its unaligned, tuples-only output, trimmed.
     pub fn sql(&self, sql: &str) -> Result<String> {
-        let mut c = Command::new(pg_tool("psql"));
+        let mut c = Command::new(self.bin.join("psql"));
         c.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d"])
             .arg(self.conninfo())
             .arg("-c")
@@ -389,7 +463,7 @@ impl Pg {
     }
 
     pub fn pgbench_init(&self, scale: u32) -> Result<()> {
-        let mut c = Command::new(pg_tool("pgbench"));
+        let mut c = Command::new(self.bin.join("pgbench"));
         // The connection string is pgbench's positional dbname argument (-d means --debug).
         c.args(["-i", "-q", "-s", &scale.to_string()])
             .arg(self.conninfo());
@@ -398,7 +472,7 @@ impl Pg {
 
     /// Starts `pgbench -c clients -T secs` in the background.
     pub fn pgbench(&self, clients: u32, secs: u32) -> Result<Child> {
-        Ok(Command::new(pg_tool("pgbench"))
+        Ok(Command::new(self.bin.join("pgbench"))
             .args(["-n", "-c", &clients.to_string(), "-T", &secs.to_string()])
             .arg(self.conninfo())
             .stdin(Stdio::null())
@@ -1174,4 +1248,46 @@ pub fn compare_with_primary(
         compared += 1;
     }
     Ok(compared)
+}
+
+impl Pg {
+    /// Replaces `pg_hba.conf` with `lines` and reloads the server, returning once new
+    /// connections see the new rules. Keep a line that lets the harness in
+    /// (`local all postgres trust`).
+    pub fn set_hba(&self, lines: &str) -> Result<()> {
+        let before = self.sql("SELECT pg_conf_load_time()")?;
+        fs::write(self.data.join("pg_hba.conf"), lines)?;
+        self.sql("SELECT pg_reload_conf()")?;
+        wait_for("PostgreSQL to reload pg_hba.conf", || {
+            Ok((self.sql("SELECT pg_conf_load_time()")? != before).then_some(()))
+        })
+    }
+
+    /// Turns TLS on with a certificate from `ca` for `names` (its first name is the common
+    /// name), and has the server listen on 127.0.0.1 as well as on its socket, on a free
+    /// port. Restarts the server; returns the port.
+    pub fn enable_tls(&mut self, ca: &Ca, names: &[&str]) -> Result<u16> {
+        let (cert, key) = ca.issue("pg-server", names[0], names, false)?;
+        for (from, to) in [(&cert, "server.crt"), (&key, "server.key")] {
+            let dest = self.data.join(to);
+            fs::copy(from, &dest)?;
+            fs::set_permissions(&dest, fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = postgres_ids() {
+                nix::unistd::chown(&dest, Some(uid.into()), Some(gid.into()))?;
+            }
+        }
+        let port = free_port();
+        fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.conf"))?
+            .write_all(
+                format!(
+                    "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nlisten_addresses = '127.0.0.1'\nport = {port}\n"
+                )
+                .as_bytes(),
+            )?;
+        self.restart()?;
+        self.port = port;
+        Ok(port)
+    }
 }

@@ -62,10 +62,12 @@ fn restore_and_start(dir: &TestDir, repo: &Path, name: &str, extra: &[&str]) -> 
     Ok(pg)
 }
 
-fn utc_now(pg: &Pg) -> Result<String> {
-    pg.sql(
-        r#"SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#,
-    )
+/// The time now as PostgreSQL writes it, with an offset of five and a half hours (a zone
+/// without summer time), e.g. `2026-12-02 14:06:22.123456+05:30`.
+fn offset_now(pg: &Pg) -> Result<String> {
+    Ok(pg.sql(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'Asia/Kolkata', 'YYYY-MM-DD HH24:MI:SS.US')",
+    )? + "+05:30")
 }
 
 /// A primary (prepared by `init`), its sender, and a backup repository whose archive a
@@ -114,7 +116,8 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
     primary.sql("SELECT pg_create_restore_point('after_t1')")?;
     let between_lsn = primary.flush_lsn()?;
     std::thread::sleep(Duration::from_millis(1100));
-    let between_time = utc_now(&primary)?;
+    // In PostgreSQL's own form, with an offset: restore writes it for PostgreSQL in UTC.
+    let between_time = offset_now(&primary)?;
     std::thread::sleep(Duration::from_millis(1100));
     primary.sql("INSERT INTO t VALUES ('t2')")?;
     primary.sql("SELECT pg_switch_wal()")?;
@@ -132,8 +135,14 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
         &["--target-time", &between_time, "--target-action", "promote"],
     )?;
     assert_eq!(rows(&at_time)?, "t1", "restore to {between_time}");
+    let conf = std::fs::read_to_string(at_time.data.join("postgresql.auto.conf"))?;
+    assert!(
+        conf.lines()
+            .any(|l| l.starts_with("recovery_target_time = '") && l.ends_with("+00'")),
+        "recovery_target_time not written in UTC:\n{conf}"
+    );
     // A target is reached by archive recovery, which takes the target action itself.
-    assert!(!at_time.log_text().contains("promote trigger file found"));
+    assert!(!at_time.log_text().contains("received promote request"));
     drop(at_time);
     let at_lsn = restore_and_start(
         &dir,
@@ -170,18 +179,13 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
     );
     assert!(!at_end.data.join("pg_wal/.walship-prefetch").exists());
     // Without a target the server replayed as a standby and promoted itself at the end of
-    // the archive: restore_command armed the trigger file, which PostgreSQL consumed.
+    // the archive: restore_command requested the promotion as pg_ctl promote does.
     assert!(
-        at_end
-            .log_text()
-            .contains("promote trigger file found: pg_wal/walship.promote"),
-        "the restored server did not promote through the trigger file"
+        at_end.log_text().contains("received promote request"),
+        "the restored server was not asked to promote: {}",
+        tail(&at_end.log_text(), 10)
     );
-    for left in [
-        "pg_wal/walship.promote.armed",
-        "pg_wal/walship.promote",
-        "standby.signal",
-    ] {
+    for left in ["pg_wal/walship.promote.armed", "promote", "standby.signal"] {
         assert!(
             !at_end.data.join(left).exists(),
             "{left} is left after promotion"
@@ -216,6 +220,20 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
         &["--target-time", "2100-01-01T00:00:00Z"],
         "is not before the last transaction in the WAL archive",
     )?;
+    // A time without a zone: a usage error that asks for one, before anything is read.
+    let (code, log) = restore(
+        &dir,
+        &repo,
+        &dir.join("r-nozone"),
+        &["--target-time", "2026-12-02 10:36:22"],
+    )?;
+    assert_eq!(code, Some(2), "{}", tail(&log, 5));
+    assert!(log.contains("no time zone"), "{}", tail(&log, 5));
+    assert!(!dir.join("r-nozone").exists());
+    // A repository that is not there: a usage error that says so.
+    let (code, log) = restore(&dir, &dir.join("no-repo"), &dir.join("r-norepo"), &[])?;
+    assert_eq!(code, Some(2), "{}", tail(&log, 5));
+    assert!(log.contains("no repository at"), "{}", tail(&log, 5));
 
     // pg_verifybackup on a restored backup, with its WAL fetched from the archive.
     let listing: serde_json::Value = serde_json::from_str(
@@ -246,7 +264,7 @@ fn point_in_time_restore_by_time_lsn_and_name_and_pg_verifybackup() -> Result<()
         c.arg(repo.join("wal")).arg(&name).arg(waldir.join(&name));
         run_ok(&dir, "restore-wal.log", c)?;
     }
-    let out = Command::new(format!("{PG_BIN}/pg_verifybackup"))
+    let out = Command::new(pg_tool("pg_verifybackup"))
         .arg("-w")
         .arg(&waldir)
         .arg(&plain)

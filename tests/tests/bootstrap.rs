@@ -62,6 +62,8 @@ fn bootstrap_under_load_with_a_tablespace_gives_an_equal_standby() -> Result<()>
 
     let mut follower = Receiver::new(&dir, &sender.addr, "sb");
     follower.wal_dir = wal_dir.clone();
+    // The store is the standby's (its restore_command reads it): written by its user.
+    follower.as_postgres = true;
     follower.spawn()?;
     let standby = Pg::start_existing(&dir, &pgdata, "standby")?;
     assert_eq!(standby.sql("SELECT pg_is_in_recovery()")?, "t");
@@ -146,6 +148,7 @@ fn interrupted_bootstrap_is_not_startable_and_resumes_skipping_verified_files() 
     let target = pg.flush_lsn()?;
     let mut follower = Receiver::new(&dir, &sender.addr, "sr");
     follower.wal_dir = wal_dir;
+    follower.as_postgres = true;
     follower.spawn()?;
     follower.wait_flush(target)?;
     wait_replayed(&standby, target)?;
@@ -181,7 +184,10 @@ fn bootstrap_refuses_a_non_empty_directory_and_another_clusters_wal_dir() -> Res
     assert_eq!(std::fs::read(full.join("important.txt"))?, b"do not touch");
 
     // A WAL store of cluster one, then a bootstrap from cluster two into it.
-    let mut r = Receiver::start(&dir, &s1.addr, "rm")?;
+    // Written by postgres, as bootstrap runs: a store of another OS user is refused first.
+    let mut r = Receiver::new(&dir, &s1.addr, "rm");
+    r.as_postgres = true;
+    r.spawn()?;
     r.wait_streaming()?;
     r.proc.term();
     let mut boot = Proc::spawn(

@@ -57,7 +57,9 @@ fn failover_cmd(nodes: &[&Node]) -> Command {
     let mut c = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/failover.sh"));
     c.arg("--bin")
         .arg(bin("wal-receiver").parent().expect("bin dir"))
-        .args(["--pg-bin", PG_BIN, "--wait", "120"]);
+        .arg("--pg-bin")
+        .arg(pg_bin())
+        .args(["--wait", "120"]);
     for n in nodes {
         c.args(["--candidate", &n.name, "--wal-dir"])
             .arg(&n.receiver.wal_dir)
@@ -138,7 +140,7 @@ fn failover_to_the_most_recent_standby_without_losing_commits() -> Result<()> {
         sql.push_str(&format!("INSERT INTO acked VALUES ({i});\n\\echo {i}\n"));
     }
     std::fs::write(&script, sql)?;
-    let mut client = Command::new(format!("{PG_BIN}/psql"));
+    let mut client = Command::new(pg_tool("psql"));
     client
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
         .arg(primary.conninfo())
@@ -258,7 +260,13 @@ fn failover_to_the_most_recent_standby_without_losing_commits() -> Result<()> {
     assert_eq!(sb["in_recovery"], true, "{st}");
     assert_eq!(sb["timeline"], 2, "{st}");
     assert!(lsn_of(&sb["replay_lsn"])? >= target, "{st}");
-    assert!(sb["last_replay_time"].is_string(), "{st}");
+    // RFC 3339 in UTC, whatever the standby's DateStyle and TimeZone.
+    assert!(
+        sb["last_replay_time"]
+            .as_str()
+            .is_some_and(|t| t.len() >= 20 && t.as_bytes()[10] == b'T' && t.ends_with('Z')),
+        "{st}"
+    );
     assert_eq!(
         other
             .pg

@@ -219,7 +219,11 @@ fn fake_snapshot_sender(listener: TcpListener, messages: Vec<Message>) -> Result
 #[test]
 fn unsafe_names_in_a_snapshot_end_the_bootstrap_and_nothing_escapes() -> Result<()> {
     let dir = TestDir::new("badnames");
-    let outside = dir.join("outside");
+    // Every target one level down, so that a name that escapes by one or two levels lands
+    // in this test's own directory, never in the shared temporary directory.
+    let root = dir.join("t");
+    postgres_dir(&root)?;
+    let outside = root.join("outside");
     std::fs::create_dir_all(&outside)?;
     let begin = |tablespaces: Vec<(u32, String)>| Message::BackupStart {
         start_lsn: Lsn(0x300_0028),
@@ -261,7 +265,7 @@ fn unsafe_names_in_a_snapshot_end_the_bootstrap_and_nothing_escapes() -> Result<
         ("symlink", file("evil/x"), "symbolic link"),
     ];
     for (name, msgs, expect) in cases {
-        let pgdata = dir.join(&format!("standby-{name}"));
+        let pgdata = root.join(format!("standby-{name}"));
         if name == "symlink" {
             // An unfinished bootstrap of this cluster, with a link planted in it.
             std::fs::create_dir_all(&pgdata)?;
@@ -286,7 +290,7 @@ fn unsafe_names_in_a_snapshot_end_the_bootstrap_and_nothing_escapes() -> Result<
             &addr,
             "bad",
             &pgdata,
-            &dir.join(&format!("wal-{name}")),
+            &root.join(format!("wal-{name}")),
             &[],
         );
         let mut p = Proc::spawn(cmd, dir.join(&format!("bootstrap-{name}.log")))?;
@@ -308,14 +312,14 @@ fn unsafe_names_in_a_snapshot_end_the_bootstrap_and_nothing_escapes() -> Result<
     // A tablespace location with '..' is refused the same way.
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
-    let evil_location = format!("{}/ts/../../outside/ts", dir.path.display());
+    let evil_location = format!("{}/a/ts/../../outside/ts", root.display());
     let msgs = vec![begin(vec![(16384, evil_location)])];
     let fake = std::thread::spawn(move || fake_snapshot_sender(listener, msgs));
     let cmd = bootstrap_cmd(
         &addr,
         "bad",
-        &dir.join("standby-ts"),
-        &dir.join("wal-ts"),
+        &root.join("standby-ts"),
+        &root.join("wal-ts"),
         &[],
     );
     let mut p = Proc::spawn(cmd, dir.join("bootstrap-ts.log"))?;
@@ -328,7 +332,7 @@ fn unsafe_names_in_a_snapshot_end_the_bootstrap_and_nothing_escapes() -> Result<
         .map(|e| e.path())
         .collect();
     assert!(escaped.is_empty(), "files escaped the target: {escaped:?}");
-    assert!(!dir.join("x").exists() && !dir.path.parent().unwrap().join("x").exists());
+    assert!(!root.join("x").exists() && !dir.join("x").exists());
     Ok(())
 }
 

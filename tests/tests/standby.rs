@@ -139,7 +139,7 @@ fn remote_apply_waits_for_the_standby_behind_the_receiver() -> Result<()> {
     }
     // With the standby stopped, a commit waits.
     s.standby.stop()?;
-    let mut c = std::process::Command::new(format!("{PG_BIN}/psql"));
+    let mut c = std::process::Command::new(pg_tool("psql"));
     c.args(["-X", "-d"])
         .arg(s.primary.conninfo())
         .args(["-c", "INSERT INTO seen VALUES (100)"]);
@@ -249,5 +249,67 @@ fn restarts_of_receiver_and_standby_in_either_order_resume_streaming() -> Result
     let seg = walship_common::WalSegSize::new(16 << 20).unwrap();
     let first = s.receiver.requested_starts()[0].segment_start(seg);
     verify_wal(&s.receiver.wal_dir, first, &s.dir.join("verify"))?;
+    Ok(())
+}
+
+#[test]
+fn a_corrupt_segment_is_reported_once_however_often_the_standby_asks() -> Result<()> {
+    let mut s = setup("sbcorrupt")?;
+    wait_streaming_from_receiver(&s)?;
+    // The standby has everything, up to the middle of a segment.
+    s.primary.sql("CREATE TABLE before_stop (v int)")?;
+    let target = s.primary.flush_lsn()?;
+    wait_replayed(&s.standby, target)?;
+    let seg = walship_common::WalSegSize::new(16 << 20).unwrap();
+    let wanted = walship_common::WalFileName::Segment {
+        timeline: walship_common::TimelineId(1),
+        segno: seg.segment_of(replay_lsn(&s.standby)?),
+    }
+    .to_name(seg);
+    s.standby.stop()?;
+    // That segment is completed and sealed while the standby is away, then damaged.
+    s.primary.sql("CREATE TABLE while_stopped (v int)")?;
+    s.primary.sql("SELECT pg_switch_wal()")?;
+    s.primary.sql("CREATE TABLE after_switch (v int)")?;
+    s.receiver.wait_flush(s.primary.flush_lsn()?)?;
+    let sealed = s.receiver.wal_dir.join(format!("{wanted}.zst"));
+    wait_for(&format!("{wanted} to be sealed"), || {
+        Ok(sealed.exists().then_some(()))
+    })?;
+    let mut bytes = std::fs::read(&sealed)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&sealed, &bytes)?;
+    let starts_before = s.receiver.proc.log_events("standby starts streaming").len();
+    // The standby asks for it again and again (every wal_retrieve_retry_interval).
+    s.standby.start()?;
+    wait_for("the standby to ask for the segment three times", || {
+        let starts = s.receiver.proc.log_events("standby starts streaming").len();
+        Ok((starts >= starts_before + 3).then_some(()))
+    })?;
+    let log = s.receiver.proc.log_text();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .is_ok_and(|v| v["level"] == "ERROR" && l.contains("corrupt"))
+        })
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "the corrupt segment was not reported exactly once:\n{}",
+        tail(&log, 20)
+    );
+    assert!(errors[0].contains(&wanted), "{}", errors[0]);
+    assert!(s.receiver.proc.is_running(), "{}", tail(&log, 10));
+    // The standby was told why, in its own log.
+    wait_for("the standby to log why streaming failed", || {
+        Ok(s.standby
+            .log_text()
+            .lines()
+            .any(|l| l.contains("WAL stream") && l.contains("corrupt"))
+            .then_some(()))
+    })?;
     Ok(())
 }

@@ -246,7 +246,7 @@ fn synchronous_commit_waits_for_the_receivers_fsync() -> Result<()> {
     pg.sql("INSERT INTO t VALUES (1)")?;
 
     r.proc.kill9();
-    let mut insert = Command::new(format!("{PG_BIN}/psql"))
+    let mut insert = Command::new(pg_tool("psql"))
         .args([
             "-X",
             "-v",
@@ -366,6 +366,115 @@ fn corrupt_state_file_is_refused_at_start() -> Result<()> {
         "{}",
         tail(&r.proc.log_text(), 5)
     );
+    Ok(())
+}
+
+/// `wal-receiver restore-wal --wal-dir DIR FILE DEST`: its exit code and what it printed.
+fn restore_wal(
+    wal_dir: &std::path::Path,
+    file: &str,
+    dest: &std::path::Path,
+) -> Result<(Option<i32>, String)> {
+    let out = Command::new(bin("wal-receiver"))
+        .args(["restore-wal", "--no-prefetch", "--wal-dir"])
+        .arg(wal_dir)
+        .arg(file)
+        .arg(dest)
+        .output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn odd_names_in_a_store_are_ignored_and_a_corrupt_segment_is_exit_5() -> Result<()> {
+    let dir = TestDir::new("oddnames");
+    // A --wal-dir under a file cannot be created: a usage error, not a disk error.
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"")?;
+    let mut bad = Receiver::new(&dir, "127.0.0.1:1", "rbad");
+    bad.wal_dir = file.join("wal");
+    let (code, log) = bad.run_to_exit()?;
+    assert_eq!(code, Some(2), "{}", tail(&log, 5));
+    assert!(
+        log.contains("cannot use") && log.contains("--wal-dir"),
+        "{}",
+        tail(&log, 5)
+    );
+
+    let pg = Pg::start_primary(&dir, "primary", "")?;
+    let sender = Sender::start(&dir, &pg)?;
+    let mut r = Receiver::start(&dir, &sender.addr, "ro")?;
+    r.wait_streaming()?;
+    for _ in 0..3 {
+        pg.sql("SELECT pg_switch_wal()")?;
+        pg.sql("CHECKPOINT")?;
+    }
+    r.wait_flush(pg.flush_lsn()?)?;
+    wait_for("a sealed segment", || {
+        Ok((r.status()?["sealed_segments"].as_u64() >= Some(2)).then_some(()))
+    })?;
+    r.proc.term();
+    let before = r.status()?;
+    // 24-byte names with a multi-byte character where the name is cut into its fields
+    // (once a panic in every reader of the store), with and without the store's suffixes,
+    // and a name that is not UTF-8.
+    let odd = [
+        "0000000\u{e9}000000000000002",
+        "000000010000000\u{20ac}000002.partial",
+        "0000000100000000000000\u{e9}.zst",
+        "0000000\u{e9}.history",
+    ];
+    for name in odd {
+        std::fs::write(r.wal_dir.join(name), b"odd")?;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    std::fs::write(
+        r.wal_dir.join(std::ffi::OsStr::from_bytes(
+            b"00000001000000000000\xff\xfe.partial",
+        )),
+        b"odd",
+    )?;
+    // status: the same as before.
+    let after = r.status()?;
+    for field in [
+        "first_segment",
+        "last_segment",
+        "sealed_segments",
+        "partial_segments",
+        "history_timelines",
+    ] {
+        assert_eq!(after[field], before[field], "{field}: {after}");
+    }
+    // restore-wal: an odd name is not a WAL file (exit 1); real segments are still served.
+    let dest = dir.join("restored");
+    for name in odd {
+        let (code, err) = restore_wal(&r.wal_dir, name, &dest)?;
+        assert_eq!(code, Some(1), "{name}: {err}");
+    }
+    let first = before["first_segment"].as_str().unwrap().to_owned();
+    let (code, err) = restore_wal(&r.wal_dir, &first, &dest)?;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::fs::metadata(&dest)?.len(), 16 << 20);
+    // follow starts on the store, and goes on storing WAL.
+    r.spawn()?;
+    pg.sql("SELECT pg_switch_wal()")?;
+    r.wait_flush(pg.flush_lsn()?)?;
+    assert!(r.proc.is_running(), "{}", tail(&r.proc.log_text(), 10));
+    r.proc.term();
+
+    // A sealed segment damaged at rest: restore-wal says so and exits 5, not 1 ("not in
+    // the store"), so that it is not taken for the end of the archive.
+    let sealed = r.wal_dir.join(format!("{first}.zst"));
+    assert!(sealed.exists(), "{first} is not sealed");
+    let mut bytes = std::fs::read(&sealed)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&sealed, &bytes)?;
+    let (code, err) = restore_wal(&r.wal_dir, &first, &dest)?;
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("corrupt") && err.contains(&first), "{err}");
     Ok(())
 }
 

@@ -33,7 +33,10 @@ use walship_common::{durable, pgtime};
 use walship_common::{Lsn, SegmentNo, WalFileName};
 
 use crate::bootstrap::{self, BootstrapConfig};
-use crate::store::{read_recorded_state, read_state, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX};
+use crate::pgconf::{self, ServerSettings};
+use crate::store::{
+    read_recorded_state, read_state, StoreFile, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX,
+};
 use crate::walread::{StoreSegment, WalReader};
 use crate::{exit, sealed, walcheck, Fatal};
 
@@ -201,6 +204,7 @@ pub async fn backup(cfg: BackupConfig) -> Result<BackupRecord> {
         restore_bin: PathBuf::new(),
         tls: cfg.tls,
         serve: None,
+        server: ServerSettings::default(),
     };
     let snap = bootstrap::snapshot_with_wal(&scfg, &pgdata, &wal_dir).await?;
     if !snap.tablespaces.is_empty() {
@@ -465,7 +469,7 @@ pub struct ListedBackup {
 pub fn listing(repo: &Path) -> Result<Listing> {
     let backups = list(repo)?;
     let flush = read_state(&repo.join(WAL_DIR))
-        .map_err(crate::follow::store_fatal)?
+        .map_err(crate::store::reader_error)?
         .map(|s| s.flush_lsn.to_string());
     Ok(Listing {
         restorable_from_time: backups.first().map(|b| b.stop_time.clone()),
@@ -522,7 +526,11 @@ impl std::fmt::Display for Listing {
 /// written, nor history files.
 pub fn prune(repo: &Path, keep: usize) -> Result<()> {
     if keep == 0 {
-        bail!("--keep must be at least 1");
+        return Err(Fatal {
+            code: exit::USAGE,
+            message: "--keep must be at least 1".into(),
+        }
+        .into());
     }
     let backups = list(repo)?;
     let n = backups.len().saturating_sub(keep);
@@ -545,10 +553,7 @@ pub fn prune(repo: &Path, keep: usize) -> Result<()> {
     let mut removed = 0;
     for e in fs::read_dir(&wal_dir)? {
         let name = e?.file_name().to_string_lossy().into_owned();
-        let Some(base) = name.strip_suffix(SEALED_SUFFIX) else {
-            continue;
-        };
-        if let Some(WalFileName::Segment { segno, .. }) = WalFileName::parse(base, state.seg_size) {
+        if let Some(StoreFile::Sealed { segno, .. }) = StoreFile::parse(&name, state.seg_size) {
             if segno < first_needed {
                 durable::remove_durable(&wal_dir.join(&name))?;
                 removed += 1;
@@ -613,6 +618,63 @@ pub struct Target {
 }
 
 impl Target {
+    /// Checks the target as given: at most one of the four, and a time that names its
+    /// zone. Returns the time as a PostgreSQL timestamp. Errors are usage errors (exit 2).
+    pub fn check(&self) -> Result<Option<i64>> {
+        if self.given() > 1 {
+            return Err(Fatal {
+                code: exit::USAGE,
+                message:
+                    "give at most one of --target-time, --target-lsn, --target-xid, --target-name"
+                        .into(),
+            }
+            .into());
+        }
+        if let Some(xid) = &self.xid {
+            // A transaction ID as PostgreSQL reads recovery_target_xid: a number (32-bit, or
+            // 64-bit with its epoch). Anything else would make the server refuse to start.
+            if xid.is_empty() || xid.len() > 20 || !xid.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(Fatal {
+                    code: exit::USAGE,
+                    message: format!(
+                        "--target-xid must be a transaction ID (digits only), got {xid:?}"
+                    ),
+                }
+                .into());
+            }
+        }
+        if let Some(name) = &self.name {
+            if name.is_empty() || name.len() >= 64 || name.chars().any(char::is_control) {
+                return Err(Fatal {
+                    code: exit::USAGE,
+                    message: format!(
+                        "--target-name must be a restore point name of 1 to 63 bytes without control characters, got {name:?}"
+                    ),
+                }
+                .into());
+            }
+        }
+        let Some(time) = &self.time else {
+            return Ok(None);
+        };
+        let at = pgtime::parse(time).map_err(|e| Fatal {
+            code: exit::USAGE,
+            message: format!("--target-time {e}"),
+        })?;
+        Ok(Some(at))
+    }
+
+    /// `recovery_target_time` as written for PostgreSQL: in UTC with an explicit `+00`, so
+    /// that the server's `TimeZone` cannot change what it means.
+    fn recovery_target_time(&self) -> Result<Option<String>> {
+        let Some(at) = self.check()? else {
+            return Ok(None);
+        };
+        let written = pgtime::to_postgres(at)
+            .ok_or_else(|| anyhow!("--target-time {at} cannot be written for PostgreSQL"))?;
+        Ok(Some(written))
+    }
+
     /// How many of the four recovery targets are given: `restore` accepts at most one.
     fn given(&self) -> usize {
         [
@@ -634,6 +696,28 @@ pub struct RestoreConfig {
     pub target: Target,
     pub backup: Option<String>,
     pub restore_bin: PathBuf,
+    /// Where the restored server listens: written into its `postgresql.auto.conf`.
+    pub server: ServerSettings,
+}
+
+/// Refuses a `--repo` that is not a backup repository (exit 2): one that does not exist,
+/// or holds neither `backups/` nor `wal/`.
+fn check_is_repository(repo: &Path) -> Result<()> {
+    let why = match fs::metadata(repo) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "it does not exist".to_owned(),
+        Err(e) => format!("it cannot be read: {e}"),
+        Ok(m) if !m.is_dir() => "it is not a directory".to_owned(),
+        Ok(_) if repo.join(BACKUPS_DIR).is_dir() || repo.join(WAL_DIR).is_dir() => return Ok(()),
+        Ok(_) => format!("it holds neither {BACKUPS_DIR}/ nor {WAL_DIR}/"),
+    };
+    Err(Fatal {
+        code: exit::USAGE,
+        message: format!(
+            "no repository at {}: {why}. Give the --repo that 'wal-receiver backup' wrote to",
+            repo.display()
+        ),
+    }
+    .into())
 }
 
 fn refuse(message: String) -> anyhow::Error {
@@ -654,15 +738,14 @@ fn time_reachable(
     state: &StoreState,
     start: Lsn,
     time: &str,
-    at: SystemTime,
+    target: i64,
 ) -> Result<()> {
-    let target = pgtime::from_system(at);
     match last_xact_end(wal_dir, state, start)? {
         LastXact::Unknown => Ok(()),
         LastXact::At(x) => match x.time {
             walcheck::XactTime::Unknown => Ok(()),
             walcheck::XactTime::At(t) => {
-                let ended = humantime::format_rfc3339_micros(pgtime::to_system(t));
+                let ended = pgtime::to_rfc3339(t);
                 if t <= target {
                     return Err(refuse(format!(
                         "target {time} is not before the last transaction in the WAL archive (it ended at {ended}, record at {}): replay would reach the end of the archive without reaching the target. Give an earlier time, or restore without a target to replay the whole archive",
@@ -696,6 +779,14 @@ enum LastXact {
 /// The last transaction end in the archive at or after `from`, searched from the flush
 /// position backwards a segment at a time.
 fn last_xact_end(wal_dir: &Path, state: &StoreState, from: Lsn) -> Result<LastXact> {
+    if !walcheck::knows(state.pg_version) {
+        return Err(refuse(format!(
+            "cannot check the target time against the WAL archive: {}. Restore to a --target-lsn, --target-xid or --target-name instead",
+            walcheck::UnknownFormat {
+                major: state.pg_version
+            }
+        )));
+    }
     let seg = state.seg_size;
     if state.flush_lsn <= from {
         return Ok(LastXact::None);
@@ -754,8 +845,26 @@ fn newest_ended_by(
 
 /// Restores a backup into a new data directory, set up to replay the archive to the target.
 pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
+    cfg.server.check().map_err(|message| Fatal {
+        code: exit::USAGE,
+        message,
+    })?;
     let repo = std::path::absolute(&cfg.repo)?;
     let pgdata = std::path::absolute(&cfg.pgdata)?;
+    // The arguments first, then the repository.
+    let t = &cfg.target;
+    let target_at = t.check()?;
+    if fs::read_dir(&pgdata).is_ok_and(|mut rd| rd.next().is_some()) {
+        return Err(Fatal {
+            code: exit::TARGET_NOT_EMPTY,
+            message: format!(
+                "{} is not empty; restore into a new or empty directory",
+                pgdata.display()
+            ),
+        }
+        .into());
+    }
+    check_is_repository(&repo)?;
     let wal_dir = repo.join(WAL_DIR);
     let backups = list(&repo)?;
     if backups.is_empty() {
@@ -765,29 +874,8 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
         )));
     }
     let state = read_state(&wal_dir)
-        .map_err(crate::follow::store_fatal)?
+        .map_err(crate::store::reader_error)?
         .ok_or_else(|| refuse("the repository has no WAL archive".into()))?;
-    let t = &cfg.target;
-    if t.given() > 1 {
-        return Err(Fatal {
-            code: exit::USAGE,
-            message: "give at most one of --target-time, --target-lsn, --target-xid, --target-name"
-                .into(),
-        }
-        .into());
-    }
-    let target_at = t
-        .time
-        .as_deref()
-        .map(|time| {
-            humantime::parse_rfc3339_weak(time).map_err(|e| Fatal {
-                code: exit::USAGE,
-                message: format!(
-                    "--target-time {time:?}: {e}; write it as 2026-11-26T17:00:00Z (UTC)"
-                ),
-            })
-        })
-        .transpose()?;
     let chosen = match &cfg.backup {
         Some(id) => backups
             .iter()
@@ -808,7 +896,7 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
                     ))
                 })?
             } else if let (Some(time), Some(at)) = (&t.time, target_at) {
-                newest_ended_by(&backups, |b| Ok(b.stop_at()? <= at))?.ok_or_else(|| {
+                newest_ended_by(&backups, |b| Ok(pgtime::from_system(b.stop_at()?) <= at))?.ok_or_else(|| {
                     refuse(format!(
                         "target {time} is before the oldest backup ended ({} at {}); no backup can reach it",
                         backups[0].id, backups[0].stop_time
@@ -837,20 +925,18 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
             missing[0]
         )));
     }
-    if fs::read_dir(&pgdata).is_ok_and(|mut rd| rd.next().is_some()) {
-        return Err(Fatal {
-            code: exit::TARGET_NOT_EMPTY,
-            message: format!(
-                "{} is not empty; restore into a new or empty directory",
-                pgdata.display()
-            ),
-        }
-        .into());
-    }
     info!(backup = %chosen.id, start_lsn = %chosen.start_lsn, stop_lsn = %chosen.stop_lsn, "restoring");
     let existed = pgdata.exists();
-    let result = unpack(&repo, chosen, &pgdata)
-        .and_then(|()| write_recovery(&pgdata, &wal_dir, &cfg.restore_bin, t, chosen.pg_version));
+    let result = unpack(&repo, chosen, &pgdata).and_then(|()| {
+        write_recovery(
+            &pgdata,
+            &wal_dir,
+            &cfg.restore_bin,
+            t,
+            chosen.pg_version,
+            &cfg.server,
+        )
+    });
     if let Err(e) = result {
         // Never leave a directory PostgreSQL could be started on: remove what was written
         // (and the directory, if this restore created it).
@@ -876,14 +962,17 @@ pub fn restore(cfg: &RestoreConfig) -> Result<BackupRecord> {
 fn unpack(repo: &Path, b: &BackupRecord, pgdata: &Path) -> Result<()> {
     let src = repo.join(BACKUPS_DIR).join(&b.id);
     fs::create_dir_all(pgdata)?;
-    fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700))?;
+    fs::set_permissions(
+        pgdata,
+        fs::Permissions::from_mode(crate::access::dir_mode()),
+    )?;
     // Opened before any write, so that the `syncfs` through it reports every writeback
     // error of the files written after.
     let dir = File::open(pgdata).with_context(|| format!("open {}", pgdata.display()))?;
     for d in &b.dirs {
         let p = safe_join(pgdata, d)?;
         fs::create_dir_all(&p)?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o700))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(crate::access::dir_mode()))?;
     }
     // Largest first, so that the threads finish together.
     let mut order: Vec<&FileRecord> = b.files.iter().collect();
@@ -937,7 +1026,7 @@ fn unpack_file(src: &Path, f: &FileRecord, pgdata: &Path) -> Result<()> {
     let out = safe_join(pgdata, &f.path)?;
     let file = std::os::unix::fs::OpenOptionsExt::mode(
         fs::OpenOptions::new().write(true).create_new(true),
-        0o600,
+        crate::access::file_mode(),
     )
     .open(&out)
     .with_context(|| format!("create {}", out.display()))?;
@@ -1066,33 +1155,38 @@ fn copy_packed(dir: &Path, f: &FileRecord, out: &mut impl Write) -> Result<()> {
     Ok(())
 }
 
-/// The PostgreSQL major versions whose standbys honour `promote_trigger_file` (PostgreSQL 16
-/// removed it).
-const TRIGGER_FILE_MAJORS: std::ops::RangeInclusive<u32> = 12..=15;
+/// The PostgreSQL major versions whose restore promotes at the end of the archive: their
+/// standbys honour a promotion request made the way `pg_ctl promote` makes it (the
+/// `promote` file, then SIGUSR1 to the postmaster), and walship is tested on each. Others
+/// replay the archive by archive recovery.
+const PROMOTE_AT_END_MAJORS: std::ops::RangeInclusive<u32> = 15..=18;
 
-/// Recovery settings: restore_command from the repository, the target, and the signal file.
+/// Recovery settings: restore_command from the repository, the target, where the server
+/// listens (when given), and the signal file.
 ///
 /// With a target, `recovery.signal`: archive recovery stops at the target and takes the
-/// target action. Without one, on PostgreSQL 12 to 15, the server replays as a standby
+/// target action. Without one, on PostgreSQL 15 to 18, the server replays as a standby
 /// (`standby.signal`) and promotes itself once it has replayed the end of the archive:
-/// restore_command arms `promote_trigger_file` when it is asked for the last segment (see
-/// [`crate::restore::restore_wal`]). A promoted standby writes an end-of-recovery record and
-/// checkpoints in the background, so it accepts writes without waiting for the checkpoint
-/// that ends archive recovery (a write of every page replay dirtied).
+/// restore_command requests the promotion when it is asked for the last segment (see
+/// [`crate::restore::restore_wal`]; `promote_trigger_file`, which did this through 15,
+/// would stop 16 and later from starting). A promoted standby writes an end-of-recovery
+/// record and checkpoints in the background, so it accepts writes without waiting for the
+/// checkpoint that ends archive recovery (a write of every page replay dirtied).
 fn write_recovery(
     pgdata: &Path,
     wal_dir: &Path,
     restore_bin: &Path,
     t: &Target,
     pg_version: u32,
+    server: &ServerSettings,
 ) -> Result<()> {
     let auto = pgdata.join("postgresql.auto.conf");
     let mut conf = fs::read_to_string(&auto).unwrap_or_default();
     if !conf.is_empty() && !conf.ends_with('\n') {
         conf.push('\n');
     }
-    let q = |s: &str| s.replace('\'', "''");
-    let promote_at_end = t.given() == 0 && TRIGGER_FILE_MAJORS.contains(&pg_version);
+    let q = pgconf::quote;
+    let promote_at_end = t.given() == 0 && PROMOTE_AT_END_MAJORS.contains(&pg_version);
     let restore = format!(
         "{} restore-wal --wal-dir {}{} %f %p",
         bootstrap::shell_quote(&restore_bin.display().to_string()),
@@ -1106,21 +1200,13 @@ fn write_recovery(
     conf.push_str("# Added by wal-receiver restore: replay the repository's WAL archive.\n");
     conf.push_str(&format!("restore_command = '{}'\n", q(&restore)));
     if promote_at_end {
-        conf.push_str("# Replay as a standby, promote at the end of the archive.\n");
-        conf.push_str(&format!(
-            "promote_trigger_file = '{}'\n",
-            crate::restore::PROMOTE_TRIGGER
-        ));
+        conf.push_str(
+            "# Replay as a standby; restore-wal requests the promotion at the end of the archive.\n",
+        );
     }
     // A restored server must not stream from, or act for, the cluster it was copied from.
     conf.push_str("primary_conninfo = ''\n");
-    if let Some(v) = &t.time {
-        let at = humantime::parse_rfc3339_weak(v)?;
-        // PostgreSQL's form: a space, not 'T', and an explicit +00 for UTC.
-        let pg_time = humantime::format_rfc3339_micros(at)
-            .to_string()
-            .replace('T', " ")
-            .replace('Z', "+00");
+    if let Some(pg_time) = t.recovery_target_time()? {
         conf.push_str(&format!("recovery_target_time = '{pg_time}'\n"));
     }
     if let Some(v) = t.lsn {
@@ -1135,6 +1221,7 @@ fn write_recovery(
     if let Some(v) = &t.action {
         conf.push_str(&format!("recovery_target_action = '{}'\n", q(v)));
     }
+    conf.push_str(&server.conf_lines());
     durable::write_atomic(&auto, conf.as_bytes())?;
     if promote_at_end {
         let armed = pgdata.join(crate::restore::PROMOTE_ARMED);
@@ -1240,7 +1327,7 @@ pub fn verify(repo: &Path, full: bool) -> Result<Verified> {
     }
     let wal_dir = repo.join(WAL_DIR);
     if let (Some(state), Some(oldest)) = (
-        read_state(&wal_dir).map_err(crate::follow::store_fatal)?,
+        read_state(&wal_dir).map_err(crate::store::reader_error)?,
         backups.first(),
     ) {
         for b in &backups {
@@ -1260,10 +1347,7 @@ pub fn verify(repo: &Path, full: bool) -> Result<Verified> {
             names.insert(e?.file_name().to_string_lossy().into_owned());
         }
         for name in names {
-            let Some(base) = name.strip_suffix(SEALED_SUFFIX) else {
-                continue;
-            };
-            let Some(WalFileName::Segment { segno, .. }) = WalFileName::parse(base, state.seg_size)
+            let Some(StoreFile::Sealed { segno, .. }) = StoreFile::parse(&name, state.seg_size)
             else {
                 continue;
             };
@@ -1289,4 +1373,174 @@ pub fn verify(repo: &Path, full: bool) -> Result<Verified> {
     cache = next;
     durable::write_atomic(&cache_path, serde_json::to_string(&cache)?.as_bytes())?;
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("walship-restore-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn config(repo: &Path, pgdata: &Path, time: Option<&str>) -> RestoreConfig {
+        RestoreConfig {
+            repo: repo.to_owned(),
+            pgdata: pgdata.to_owned(),
+            target: Target {
+                time: time.map(str::to_owned),
+                ..Target::default()
+            },
+            backup: None,
+            restore_bin: PathBuf::from("wal-receiver"),
+            server: crate::pgconf::ServerSettings::default(),
+        }
+    }
+
+    /// The exit code and message `restore` ends with.
+    fn refusal(cfg: &RestoreConfig) -> (u8, String) {
+        let e = restore(cfg).expect_err("restore succeeded");
+        let code = e.downcast_ref::<Fatal>().map_or(exit::ERROR, |f| f.code);
+        (code, format!("{e:#}"))
+    }
+
+    #[test]
+    fn restore_checks_its_arguments_before_the_repository() {
+        let dir = tmpdir("args");
+        let missing = dir.join("no-such-repo");
+        let pgdata = dir.join("pgdata");
+        // A time without a zone: a usage error, whatever the repository.
+        let (code, msg) = refusal(&config(&missing, &pgdata, Some("2026-12-02 10:36:22")));
+        assert_eq!(code, exit::USAGE, "{msg}");
+        assert!(msg.contains("no time zone"), "{msg}");
+        // Two targets.
+        let mut two = config(&missing, &pgdata, Some("2026-12-02 10:36:22Z"));
+        two.target.lsn = Some(Lsn(1));
+        let (code, msg) = refusal(&two);
+        assert_eq!(code, exit::USAGE, "{msg}");
+        assert!(msg.contains("at most one"), "{msg}");
+        // A data directory that is not empty.
+        fs::create_dir_all(&pgdata).unwrap();
+        fs::write(pgdata.join("PG_VERSION"), "15\n").unwrap();
+        let (code, msg) = refusal(&config(&missing, &pgdata, None));
+        assert_eq!(code, exit::TARGET_NOT_EMPTY, "{msg}");
+        fs::remove_file(pgdata.join("PG_VERSION")).unwrap();
+        // Then the repository: missing, a file, a directory that is no repository.
+        let (code, msg) = refusal(&config(&missing, &pgdata, Some("2026-12-02 10:36:22+02")));
+        assert_eq!(code, exit::USAGE, "{msg}");
+        assert!(
+            msg.contains("no repository at") && msg.contains("does not exist"),
+            "{msg}"
+        );
+        let file = dir.join("a-file");
+        fs::write(&file, b"").unwrap();
+        let (code, msg) = refusal(&config(&file, &pgdata, None));
+        assert_eq!(code, exit::USAGE, "{msg}");
+        assert!(msg.contains("not a directory"), "{msg}");
+        let (code, msg) = refusal(&config(&pgdata, &pgdata.join("x"), None));
+        assert_eq!(code, exit::USAGE, "{msg}");
+        assert!(msg.contains("neither backups/ nor wal/"), "{msg}");
+        // A repository without a backup: refused as before (exit 4).
+        fs::create_dir_all(dir.join("repo").join(BACKUPS_DIR)).unwrap();
+        let (code, msg) = refusal(&config(&dir.join("repo"), &pgdata, None));
+        assert_eq!(code, exit::MISMATCH, "{msg}");
+        assert!(msg.contains("no complete backup"), "{msg}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_target_time_is_written_in_utc() {
+        let t = |time: &str| Target {
+            time: Some(time.into()),
+            ..Target::default()
+        };
+        for given in [
+            "2026-12-02T08:36:22Z",
+            "2026-12-02 10:36:22+02",
+            "2026-12-02 10:36:22 +02:00",
+            "2026-12-02 08:36:22 UTC",
+        ] {
+            assert_eq!(
+                t(given).recovery_target_time().unwrap().as_deref(),
+                Some("2026-12-02 08:36:22+00"),
+                "{given}"
+            );
+        }
+        assert_eq!(
+            t("2026-12-02 10:36:22.123456+02:00")
+                .recovery_target_time()
+                .unwrap()
+                .as_deref(),
+            Some("2026-12-02 08:36:22.123456+00")
+        );
+        assert_eq!(Target::default().recovery_target_time().unwrap(), None);
+    }
+
+    #[test]
+    fn an_xid_or_restore_point_that_postgresql_would_not_read_is_refused() {
+        let usage = |t: Target| {
+            let e = t.check().unwrap_err();
+            e.downcast_ref::<Fatal>().map(|f| f.code)
+        };
+        let xid = |x: &str| Target {
+            xid: Some(x.into()),
+            ..Target::default()
+        };
+        let name = |n: &str| Target {
+            name: Some(n.into()),
+            ..Target::default()
+        };
+        for bad in ["", "12\n", "12 34", "-5", "0x10", "123456789012345678901"] {
+            assert_eq!(usage(xid(bad)), Some(exit::USAGE), "{bad:?}");
+        }
+        assert!(xid("1234").check().is_ok());
+        for bad in ["", "a\nb", &"n".repeat(64)] {
+            assert_eq!(usage(name(bad)), Some(exit::USAGE), "{bad:?}");
+        }
+        assert!(name("before 'the' change").check().is_ok());
+    }
+
+    #[test]
+    fn without_a_target_each_supported_major_promotes_by_request_at_the_end() {
+        let dir = tmpdir("promote-at-end");
+        let write = |name: &str, major: u32, t: &Target| {
+            let pgdata = dir.join(name);
+            fs::create_dir_all(&pgdata).unwrap();
+            let (wal, bin) = (Path::new("/wal"), Path::new("/bin/wal-receiver"));
+            write_recovery(&pgdata, wal, bin, t, major, &ServerSettings::default()).unwrap();
+            let conf = fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+            (pgdata, conf)
+        };
+        for major in [0, 14, 15, 16, 17, 18, 19] {
+            let (pgdata, conf) = write(&format!("pg{major}"), major, &Target::default());
+            // PostgreSQL 16 and later refuse to start with it.
+            assert!(!conf.contains("promote_trigger_file"), "{major}: {conf}");
+            let at_end = PROMOTE_AT_END_MAJORS.contains(&major);
+            assert_eq!(
+                conf.contains(" --promote-at-end "),
+                at_end,
+                "{major}: {conf}"
+            );
+            assert_eq!(pgdata.join("standby.signal").exists(), at_end, "{major}");
+            assert_eq!(
+                pgdata.join(crate::restore::PROMOTE_ARMED).exists(),
+                at_end,
+                "{major}"
+            );
+            assert_eq!(pgdata.join("recovery.signal").exists(), !at_end, "{major}");
+        }
+        // A target is reached by archive recovery, on every version.
+        let lsn = Target {
+            lsn: Some(Lsn(0x300_0000)),
+            ..Target::default()
+        };
+        let (pgdata, conf) = write("target", 18, &lsn);
+        assert!(!conf.contains("--promote-at-end"), "{conf}");
+        assert!(pgdata.join("recovery.signal").exists());
+        assert!(!pgdata.join(crate::restore::PROMOTE_ARMED).exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -33,6 +33,7 @@ use walship_common::{Lsn, WalFileName};
 
 use crate::follow::{self, check_same_cluster, sender_error, Connection, FollowConfig};
 use crate::paths::{Target, UnsafePath};
+use crate::pgconf::{self, ServerSettings};
 use crate::store::read_state;
 use crate::{exit, Fatal};
 
@@ -66,6 +67,9 @@ pub struct BootstrapConfig {
     /// Where `follow --serve-standby` will serve the standby: written as its
     /// `primary_conninfo`. `None` feeds it through `restore_command` only.
     pub serve: Option<crate::serve::ServeAddr>,
+    /// Where the standby listens (port, socket directory, addresses): written into its
+    /// `postgresql.auto.conf`. What is not given stays as the primary's configuration says.
+    pub server: ServerSettings,
 }
 
 /// What the snapshot said about itself.
@@ -89,12 +93,23 @@ pub async fn bootstrap(cfg: BootstrapConfig) -> Result<()> {
         code: exit::USAGE,
         message: m,
     })?;
+    check_server_settings(&cfg.server, cfg.serve.as_ref())?;
     let pgdata = std::path::absolute(&cfg.pgdata)?;
     let wal_dir = std::path::absolute(&cfg.wal_dir)?;
     let started = Instant::now();
     let snap = snapshot_with_wal(&cfg, &pgdata, &wal_dir).await?;
     let stream_from = cfg.serve.as_ref().map(|a| (a, cfg.name.as_str()));
-    finish(&pgdata, &wal_dir, &snap, &cfg.restore_bin, stream_from)?;
+    finish(
+        &pgdata,
+        &wal_dir,
+        &snap,
+        &cfg.restore_bin,
+        stream_from,
+        &cfg.server,
+    )?;
+    if let Some(left) = cfg.server.inherited() {
+        info!("the standby keeps the primary's {left} (not given with --port, --socket-dir, --listen-addresses)");
+    }
     info!(
         pgdata = %pgdata.display(), stop_lsn = %snap.stop_lsn, skipped_bytes = snap.skipped,
         seconds = started.elapsed().as_secs_f64(),
@@ -303,7 +318,10 @@ fn check_target(pgdata: &Path) -> Result<bool> {
 /// Creates the target (mode 0700) with its marker, which names the cluster.
 fn create_target(pgdata: &Path, system_id: u64) -> Result<()> {
     fs::create_dir_all(pgdata).with_context(|| format!("create {}", pgdata.display()))?;
-    fs::set_permissions(pgdata, fs::Permissions::from_mode(0o700))?;
+    fs::set_permissions(
+        pgdata,
+        fs::Permissions::from_mode(crate::access::dir_mode()),
+    )?;
     durable::write_atomic(
         &pgdata.join(MARKER),
         format!("wal-receiver bootstrap in progress\nsystem_identifier={system_id}\n").as_bytes(),
@@ -572,7 +590,10 @@ async fn receive_loop(
                 let local = target.resolve(&path)?;
                 fs::create_dir_all(&local)
                     .with_context(|| format!("create {}", local.display()))?;
-                fs::set_permissions(&local, fs::Permissions::from_mode(0o700))?;
+                fs::set_permissions(
+                    &local,
+                    fs::Permissions::from_mode(crate::access::dir_mode()),
+                )?;
             }
             Message::FileBegin { path, .. } if started && cur.is_none() => {
                 let mut local = target.resolve(&path)?;
@@ -588,7 +609,7 @@ async fn receive_loop(
                     .write(true)
                     .create(true)
                     .truncate(false)
-                    .mode(0o600)
+                    .mode(crate::access::file_mode())
                     .custom_flags(nix::libc::O_NOFOLLOW)
                     .open(&local)
                     .with_context(|| format!("open {}", local.display()))?;
@@ -725,7 +746,7 @@ fn tablespace_dir(
         .into());
     }
     fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+    fs::set_permissions(&dir, fs::Permissions::from_mode(crate::access::dir_mode()))?;
     fs::create_dir_all(pgdata.join("pg_tblspc"))?;
     if !ours {
         let _ = fs::remove_file(&link);
@@ -793,6 +814,31 @@ fn check_store_covers(wal_dir: &Path, start_lsn: Lsn) -> Result<()> {
     Ok(())
 }
 
+/// Refuses (exit 2) server settings PostgreSQL would not start with, and a standby socket
+/// where `follow --serve-standby` serves it: the two would take the same socket file.
+fn check_server_settings(
+    server: &ServerSettings,
+    serve: Option<&crate::serve::ServeAddr>,
+) -> Result<()> {
+    let usage = |message| Fatal {
+        code: exit::USAGE,
+        message,
+    };
+    server.check().map_err(usage)?;
+    if let (Some(dir), Some(port), Some(crate::serve::ServeAddr::Unix { dir: d, port: p })) =
+        (&server.socket_dir, server.port, serve)
+    {
+        if dir == d && port == *p {
+            return Err(usage(format!(
+                "--socket-dir {} with --port {port} is where 'follow --serve-standby' serves the standby; give the standby another port or socket directory",
+                dir.display()
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// Writes the labels and recovery settings, then publishes `pg_control`.
 fn finish(
     pgdata: &Path,
@@ -800,6 +846,7 @@ fn finish(
     snap: &Snapshot,
     restore_bin: &Path,
     stream_from: Option<(&crate::serve::ServeAddr, &str)>,
+    server: &ServerSettings,
 ) -> Result<()> {
     durable::write_atomic(&pgdata.join("backup_label"), snap.backup_label.as_bytes())?;
     if !snap.tablespace_map.trim().is_empty() {
@@ -823,20 +870,16 @@ fn finish(
         durable::write_atomic(&pgdata.join("tablespace_map"), map.as_bytes())?;
     }
     durable::write_atomic(&pgdata.join("standby.signal"), b"")?;
-    let auto = pgdata.join("postgresql.auto.conf");
-    let mut conf = fs::read_to_string(&auto).unwrap_or_default();
-    if !conf.is_empty() && !conf.ends_with('\n') {
-        conf.push('\n');
-    }
     let restore = format!(
         "{} restore-wal --wal-dir {} %f %p",
         shell_quote(&restore_bin.display().to_string()),
         shell_quote(&wal_dir.display().to_string())
     );
-    conf.push_str("# Added by wal-receiver bootstrap: replay WAL from the walship store.\n");
+    let mut conf =
+        String::from("# Added by wal-receiver bootstrap: replay WAL from the walship store.\n");
     conf.push_str(&format!(
         "restore_command = '{}'\n",
-        restore.replace('\'', "''")
+        pgconf::quote(&restore)
     ));
     conf.push_str(&format!(
         "wal_retrieve_retry_interval = '{RETRY_INTERVAL}'\n"
@@ -847,10 +890,11 @@ fn finish(
         let conninfo = format!("{} application_name={}", conninfo_words(addr), name);
         conf.push_str(&format!(
             "primary_conninfo = '{}'\n",
-            conninfo.replace('\'', "''")
+            pgconf::quote(&conninfo)
         ));
     }
-    durable::write_atomic(&auto, conf.as_bytes())?;
+    conf.push_str(&server.conf_lines());
+    pgconf::append_auto_conf(pgdata, &conf)?;
     durable::publish(&pgdata.join(PG_CONTROL_STAGED), &pgdata.join(PG_CONTROL))?;
     durable::remove_durable(&pgdata.join(MARKER))?;
     Ok(())

@@ -89,6 +89,8 @@ pub fn store_fatal(e: StoreError) -> anyhow::Error {
         StoreError::Locked { .. } => exit::STORE_LOCKED,
         StoreError::CorruptState { .. } | StoreError::Inconsistent { .. } => exit::STORE_CORRUPT,
         StoreError::Seal(_) | StoreError::Durable(_) => exit::DISK,
+        // The directory given cannot be a store: a matter of configuration, not the disk.
+        StoreError::Unusable { .. } => exit::USAGE,
     };
     let mut message = e.to_string();
     if message.contains(&format!("os error {}", nix::libc::ENOSPC)) {
@@ -188,6 +190,13 @@ pub fn sender_error(code: ErrorCode, message: String) -> anyhow::Error {
         ErrorCode::Auth => Fatal {
             code: exit::AUTH,
             message: format!("the sender refused this receiver: {message}"),
+        }
+        .into(),
+        ErrorCode::Setup => Fatal {
+            code: exit::SETUP,
+            message: format!(
+                "the sender cannot use its PostgreSQL server as configured: {message}"
+            ),
         }
         .into(),
         ErrorCode::Other => anyhow!("sender reported an error: {message}"),
@@ -312,6 +321,18 @@ pub fn check_same_cluster(
     info: &ServerInfo,
     wal_dir: &std::path::Path,
 ) -> Result<()> {
+    // The version first: a primary upgraded to another major (pg_upgrade) has another
+    // system identifier too, and the version is what the operator needs to hear about.
+    if st.pg_version != 0 && info.pg_version != 0 && st.pg_version != info.pg_version {
+        return Err(Fatal {
+            code: exit::MISMATCH,
+            message: format!(
+                "the primary runs PostgreSQL {} but the store holds WAL of PostgreSQL {}; WAL formats differ between major versions. Use another --wal-dir",
+                info.pg_version, st.pg_version
+            ),
+        }
+        .into());
+    }
     if st.system_id != info.system_id {
         return Err(Fatal { code: exit::MISMATCH, message: format!(
             "the sender's primary has system identifier {}, but the WAL store {} holds WAL of system {}; refusing to mix clusters. Use another --wal-dir for this primary",
@@ -325,16 +346,6 @@ pub fn check_same_cluster(
                 "the primary uses {}-byte WAL segments but the store holds {}-byte segments",
                 info.seg_size.bytes(),
                 st.seg_size.bytes()
-            ),
-        }
-        .into());
-    }
-    if st.pg_version != 0 && info.pg_version != 0 && st.pg_version != info.pg_version {
-        return Err(Fatal {
-            code: exit::MISMATCH,
-            message: format!(
-                "the primary runs PostgreSQL {} but the store holds WAL of PostgreSQL {}; WAL formats differ between major versions. Use another --wal-dir",
-                info.pg_version, st.pg_version
             ),
         }
         .into());
@@ -944,6 +955,13 @@ mod tests {
         assert_eq!(
             code(check_same_cluster(&st, &info(7, seg, 16), dir)),
             Some(exit::MISMATCH)
+        );
+        // A primary upgraded to another major has another system identifier too: the
+        // refusal names the versions.
+        let e = check_same_cluster(&st, &info(8, seg, 18), dir).unwrap_err();
+        assert!(
+            e.to_string().contains("PostgreSQL 18") && e.to_string().contains("PostgreSQL 15"),
+            "{e}"
         );
     }
 

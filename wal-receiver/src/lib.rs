@@ -3,9 +3,11 @@
 //!
 //! - [`store`]: the WAL store and its state file.
 //! - [`sealed`]: complete segments, compressed and checksummed at rest.
+//! - [`access`]: who may read what wal-receiver keeps (modes, umask, permission checks).
 //! - [`backup`]: backup repositories: base backups, the WAL archive, point-in-time restore.
 //! - [`bootstrap`]: a new standby from a snapshot of the primary.
 //! - [`paths`]: checks on file names from the network.
+//! - [`pgconf`]: where a new server listens, written into its `postgresql.auto.conf`.
 //! - [`follow`]: the streaming loop with group commit and reconnects.
 //! - [`restore`]: the `restore_command` helper.
 //! - [`status`]: what a store holds.
@@ -13,10 +15,12 @@
 //! - [`walread`]: reading WAL back out of a store while it is written.
 //! - [`serve`]: PostgreSQL's streaming replication protocol, served to a standby from the store.
 
+pub mod access;
 pub mod backup;
 pub mod bootstrap;
 pub mod follow;
 pub mod paths;
+pub mod pgconf;
 pub mod restore;
 pub mod sealed;
 pub mod serve;
@@ -53,6 +57,14 @@ pub mod exit {
     /// The store holds WAL past the point where the sender's timeline forked from it: two
     /// histories diverged. Bootstrap this receiver again.
     pub const DIVERGED: u8 = 11;
+    /// The sender cannot use its PostgreSQL server as configured (authentication, a role,
+    /// a database, a grant, a setting such as wal_level): retrying cannot help. The message
+    /// names the fix.
+    pub const SETUP: u8 = 12;
+    /// A WAL store or repository is open to other users (group or world permissions,
+    /// without `--allow-group-access`), or belongs to another OS user than the one writing
+    /// into it. The message names the fix.
+    pub const PERMISSIONS: u8 = 13;
 }
 
 /// An error that ends the process with a specific exit code instead of a retry.

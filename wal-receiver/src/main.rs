@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use wal_receiver::pgconf::ServerSettings;
 use wal_receiver::serve::ServeAddr;
 use wal_receiver::{exit, Fatal};
 use walship_common::logging::{self, LogFormat};
@@ -16,6 +17,12 @@ struct Cli {
     /// Log format: plain or json. The level comes from RUST_LOG (default info).
     #[arg(long, global = true, default_value = "plain")]
     log_format: LogFormat,
+    /// Let the owner's group read what wal-receiver creates (directories 0750, files 0640,
+    /// as initdb --allow-group-access), and accept WAL stores and repositories its group may
+    /// read. Without it they are private to their owner (0700, 0600) and a store or
+    /// repository open to others is refused.
+    #[arg(long, global = true)]
+    allow_group_access: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,8 +54,9 @@ enum Command {
         tls: TlsArgs,
         /// Serve a standby over PostgreSQL's streaming replication protocol, straight from
         /// the store: an absolute directory for a Unix socket (.s.PGSQL.PORT in it), or a
-        /// loopback IP:PORT. Trust authentication: access is controlled by the directory's
-        /// permissions. The standby's replay position and hot-standby feedback go upstream.
+        /// loopback IP:PORT. On a Unix socket only the OS user that owns the WAL store may
+        /// connect (peer authentication); on TCP any local user may. The standby's replay
+        /// position and hot-standby feedback go upstream.
         #[arg(long, value_name = "SOCKET_DIR|IP:PORT")]
         serve_standby: Option<String>,
         /// The port in the socket's name when --serve-standby is a directory.
@@ -93,9 +101,12 @@ enum Command {
         /// The port in the socket's name when the standby is served on a directory.
         #[arg(long, value_name = "PORT", default_value_t = 5432)]
         serve_standby_port: u16,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// Copy one WAL file from the store to DEST: for restore_command, as
-    /// `wal-receiver restore-wal --wal-dir DIR %f %p`. Exits 1 when the file is not there.
+    /// `wal-receiver restore-wal --wal-dir DIR %f %p`. Exits 1 when the file is not there,
+    /// 5 when the store's copy is corrupt.
     RestoreWal {
         /// The WAL store directory.
         #[arg(long, value_name = "DIR")]
@@ -108,10 +119,11 @@ enum Command {
         /// into .walship-prefetch beside DEST, while PostgreSQL replays this one).
         #[arg(long)]
         no_prefetch: bool,
-        /// Once PostgreSQL asks for the segment that holds the end of the archive, rename
-        /// pg_wal/walship.promote.armed (written by `restore`) to pg_wal/walship.promote,
-        /// the server's promote_trigger_file, relative to the current directory (the data
-        /// directory). `restore` sets this for a restore to the end of the archive.
+        /// Once PostgreSQL asks for the segment that holds the end of the archive, request
+        /// the server's promotion as pg_ctl promote does, from the current directory (the
+        /// data directory): rename pg_wal/walship.promote.armed (written by `restore`) to
+        /// promote, and send SIGUSR1 to the postmaster of postmaster.pid. `restore` sets
+        /// this for a restore to the end of the archive.
         #[arg(long)]
         promote_at_end: bool,
     },
@@ -126,6 +138,8 @@ enum Command {
         json: bool,
         /// Also ask the standby this store feeds, at this libpq connection string, for its
         /// recovery state, replay position and last replay time (what a failover needs).
+        /// Read as libpq reads it: PGPASSWORD, the password file and sslmode apply; the
+        /// database is dbname, else PGDATABASE, else postgres.
         #[arg(long, value_name = "CONNINFO")]
         standby: Option<String>,
     },
@@ -161,8 +175,11 @@ enum Command {
         /// The new data directory (created; must be empty or absent).
         #[arg(long, value_name = "DIR")]
         pgdata: PathBuf,
-        /// Replay up to this time: RFC 3339 in UTC, e.g. 2026-11-26T17:00:00Z. The
-        /// archive must hold a commit or abort after it (refused otherwise).
+        /// Replay up to this time, which must name its zone: RFC 3339 (2026-11-26T17:00:00Z,
+        /// 2026-11-26T19:00:00+02:00) or as PostgreSQL's recovery_target_time takes it
+        /// (2026-11-26 19:00:00+02, 2026-11-26 17:00:00 UTC, 2026-11-26 19:00:00
+        /// Europe/Helsinki). The archive must hold a commit or abort after it (refused
+        /// otherwise).
         #[arg(long, value_name = "TIME")]
         target_time: Option<String>,
         /// Replay up to this LSN.
@@ -180,6 +197,8 @@ enum Command {
         /// Restore this backup (an id from `backups`) instead of choosing one.
         #[arg(long, value_name = "ID")]
         backup: Option<String>,
+        #[command(flatten)]
+        server: ServerArgs,
     },
     /// List a repository's backups, their sizes, and the restorable range.
     Backups {
@@ -214,6 +233,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where the server made by `bootstrap` or `restore` listens: written into its
+/// postgresql.auto.conf, so that a plain `pg_ctl start` or a service manager starts it
+/// there. What is not given stays as in the primary's configuration, which the new data
+/// directory copies.
+#[derive(clap::Args, Debug)]
+struct ServerArgs {
+    /// The port the new server listens on (`port`). Default: the primary's.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// The directory of the new server's Unix socket (`unix_socket_directories`). Default:
+    /// the primary's.
+    #[arg(long, value_name = "DIR")]
+    socket_dir: Option<PathBuf>,
+    /// The new server's TCP addresses (`listen_addresses`): e.g. '*', a list of addresses,
+    /// or '' for the Unix socket only. Default: the primary's.
+    #[arg(long, value_name = "ADDRESSES")]
+    listen_addresses: Option<String>,
+}
+
+impl ServerArgs {
+    fn settings(self) -> std::io::Result<ServerSettings> {
+        Ok(ServerSettings {
+            port: self.port,
+            socket_dir: self.socket_dir.map(std::path::absolute).transpose()?,
+            listen_addresses: self.listen_addresses,
+        })
+    }
 }
 
 /// TLS to the sender.
@@ -281,9 +329,43 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+const STORE: &str = "WAL store";
+const REPO: &str = "backup repository";
+
+/// Refuses a WAL store or repository that others can reach (or, to write, that belongs to
+/// another user) before the command touches it. `restore-wal` only warns: PostgreSQL runs
+/// it for every segment, and a refusal there would stall the standby without hiding
+/// anything the store's permissions have not already exposed.
+fn check_access(command: &Command) -> Result<(), Fatal> {
+    use wal_receiver::access::{check, Use};
+    match command {
+        Command::Follow { wal_dir, .. } | Command::Bootstrap { wal_dir, .. } => {
+            check(wal_dir, STORE, Use::Write)
+        }
+        Command::Status { wal_dir, .. } => check(wal_dir, STORE, Use::Read),
+        Command::Backup { repo, .. } => check(repo, REPO, Use::Write),
+        Command::Restore { repo, .. }
+        | Command::Backups { repo, .. }
+        | Command::Prune { repo, .. }
+        | Command::Verify { repo, .. } => check(repo, REPO, Use::Read),
+        // Warned about once a file is served (PostgreSQL polls for missing ones).
+        Command::RestoreWal { .. } => Ok(()),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before anything is created: what this process creates is private.
+    wal_receiver::access::init(if cli.allow_group_access {
+        wal_receiver::access::Access::Group
+    } else {
+        wal_receiver::access::Access::Owner
+    });
     logging::init(cli.log_format);
+    if let Err(e) = check_access(&cli.command) {
+        eprintln!("wal-receiver: {e}");
+        return ExitCode::from(e.code);
+    }
     let result = match cli.command {
         Command::Follow {
             senders,
@@ -322,7 +404,8 @@ fn main() -> ExitCode {
             standby_feed,
             serve_standby,
             serve_standby_port,
-        } => std::env::current_exe()
+            server,
+        } => wal_receiver::pgconf::own_program()
             .map_err(anyhow::Error::from)
             .and_then(|restore_bin| {
                 let tls = tls.load()?;
@@ -351,6 +434,7 @@ fn main() -> ExitCode {
                         restore_bin,
                         tls,
                         serve,
+                        server: server.settings()?,
                     },
                 ))
             }),
@@ -367,7 +451,12 @@ fn main() -> ExitCode {
             !no_prefetch,
             promote_at_end,
         ) {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                if let Some(why) = wal_receiver::access::exposure(&wal_dir, STORE) {
+                    tracing::warn!("{why}");
+                }
+                Ok(())
+            }
             Ok(false) => {
                 tracing::debug!("{file} is not in {}", wal_dir.display());
                 return ExitCode::from(exit::ERROR);
@@ -431,7 +520,8 @@ fn main() -> ExitCode {
             target_name,
             target_action,
             backup,
-        } => std::env::current_exe()
+            server,
+        } => wal_receiver::pgconf::own_program()
             .map_err(anyhow::Error::from)
             .and_then(|restore_bin| {
                 let b = wal_receiver::backup::restore(&wal_receiver::backup::RestoreConfig {
@@ -446,6 +536,7 @@ fn main() -> ExitCode {
                     },
                     backup,
                     restore_bin,
+                    server: server.settings()?,
                 })?;
                 println!(
                     "restored backup {} into {}; start it with pg_ctl: it replays the archive to the target and takes the target action, or without a target replays all of it and then promotes itself",

@@ -17,27 +17,32 @@ use anyhow::{bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use walship_common::{SegmentNo, WalFileName};
 
-use crate::sealed;
 use crate::store::{
-    boot_id, read_recorded_state, with_wal_past, StoreState, PARTIAL_SUFFIX, SEALED_SUFFIX,
+    boot_id, read_recorded_state, reader_error, with_wal_past, StoreState, PARTIAL_SUFFIX,
+    SEALED_SUFFIX,
 };
 use crate::walread::read_partial;
+use crate::{exit, sealed, Fatal};
 
 /// Where prefetched segments wait, next to `dest` (in the server's `pg_wal`).
 pub const PREFETCH_DIR: &str = ".walship-prefetch";
 /// The suffix of a file being written, until it is renamed to its name.
 const TMP_SUFFIX: &str = ".walship-tmp";
 
-/// The `promote_trigger_file` that `restore` configures, relative to the data directory
-/// (restore_command runs there). PostgreSQL removes it when it promotes. In `pg_wal`, which
-/// base backups and `pg_verifybackup` leave out.
-pub const PROMOTE_TRIGGER: &str = "pg_wal/walship.promote";
-/// Written by `restore` beside [`PROMOTE_TRIGGER`]; renamed to it once PostgreSQL asks for
-/// the segment that holds the end of the archive. So the trigger fires once, for this
-/// restore only: a server later made a standby with the same restore_command never finds it.
+/// PostgreSQL's promotion request (`PROMOTE_SIGNAL_FILE`), relative to the data directory
+/// (restore_command runs there). `pg_ctl promote` writes it, then signals the postmaster;
+/// PostgreSQL removes it when it promotes.
+pub const PROMOTE_SIGNAL: &str = "promote";
+/// Written by `restore`; renamed to [`PROMOTE_SIGNAL`] once PostgreSQL asks for the segment
+/// that holds the end of the archive. So the promotion is requested once, for this restore
+/// only: a server later made a standby with the same restore_command never finds it. In
+/// `pg_wal`, which base backups and `pg_verifybackup` leave out.
 pub const PROMOTE_ARMED: &str = "pg_wal/walship.promote.armed";
+/// The postmaster's lock file, whose first line is its process id.
+const POSTMASTER_PID: &str = "postmaster.pid";
 
-/// Writes `file` to `dest`. `Ok(false)` means the store does not have it (yet).
+/// Writes `file` to `dest`. `Ok(false)` means the store does not have it (yet). A sealed
+/// copy that is corrupt is a [`Fatal`] error with exit code 5.
 ///
 /// With `prefetch`, a sealed next segment is decompressed in the background into
 /// `PREFETCH_DIR` beside `dest`, while PostgreSQL replays this one; the next call takes it
@@ -46,10 +51,11 @@ pub const PROMOTE_ARMED: &str = "pg_wal/walship.promote.armed";
 /// history that follows it), the prefetch directory is removed.
 ///
 /// With `promote_at_end`, a request for the segment that holds the end of the archive, or a
-/// later one, renames [`PROMOTE_ARMED`] to [`PROMOTE_TRIGGER`] in the current directory. A
-/// standby checks its trigger file only when it finds no more WAL, so it first replays
-/// every record the archive holds, then promotes (without the end-of-recovery checkpoint
-/// that archive recovery waits for).
+/// later one, requests the server's promotion as `pg_ctl promote` does, from the current
+/// directory (the data directory): [`PROMOTE_ARMED`] is renamed to [`PROMOTE_SIGNAL`] and
+/// the postmaster gets SIGUSR1. A standby acts on the request only when it finds no more
+/// WAL, so it first replays every record the archive holds, then promotes (without the
+/// end-of-recovery checkpoint that archive recovery waits for).
 pub fn restore_wal(
     wal_dir: &Path,
     file: &str,
@@ -61,7 +67,7 @@ pub fn restore_wal(
         .parent()
         .map(|d| d.join(PREFETCH_DIR))
         .unwrap_or_else(|| PathBuf::from(PREFETCH_DIR));
-    let Some(mut state) = read_recorded_state(wal_dir)? else {
+    let Some(mut state) = read_recorded_state(wal_dir).map_err(reader_error)? else {
         return Ok(false);
     };
     let Some(name) = WalFileName::parse(file, state.seg_size) else {
@@ -71,16 +77,34 @@ pub fn restore_wal(
         // Only the segment being written, or a later one, depends on where its WAL ends;
         // earlier ones are read without walking it.
         if segno >= state.seg_size.segment_of(state.flush_lsn) {
-            state = with_wal_past(wal_dir, state)?;
+            state = with_wal_past(wal_dir, state).map_err(reader_error)?;
         }
     }
     let at_end = matches!(name, WalFileName::Segment { segno, .. }
         if segno >= state.seg_size.segment_of(state.flush_lsn));
     // `file` passed WalFileName::parse: a bare name.
     let spooled = matches!(name, WalFileName::Segment { .. }) && take_spooled(&spool, file, dest);
-    let found = spooled || write_dest(wal_dir, file, name, &state, dest)?;
+    let found = spooled
+        || write_dest(wal_dir, file, name, &state, dest).map_err(|e| {
+            if sealed::is_corrupt(&e) {
+                // Not "not in the store" (exit 1): asking again cannot help.
+                Fatal {
+                    code: exit::STORE_CORRUPT,
+                    message: format!(
+                        "{e:#}. The store cannot serve {file}: copy the segment from another WAL store or from the primary's pg_wal, or bootstrap this standby again"
+                    ),
+                }
+                .into()
+            } else {
+                e
+            }
+        })?;
     if promote_at_end && at_end {
-        arm_promotion(Path::new(PROMOTE_ARMED), Path::new(PROMOTE_TRIGGER));
+        request_promotion(
+            Path::new(PROMOTE_ARMED),
+            Path::new(PROMOTE_SIGNAL),
+            Path::new(POSTMASTER_PID),
+        );
     }
     if !found {
         let _ = fs::remove_dir_all(&spool);
@@ -152,22 +176,47 @@ fn take_spooled(spool: &Path, file: &str, dest: &Path) -> bool {
     fs::rename(spool.join(file), dest).is_ok()
 }
 
-/// Turns the armed marker into the trigger file. Without the marker (already renamed, or
-/// never written) there is nothing to do; a failure is only logged: the server then stays a
-/// standby at the end of the archive, to be promoted by hand.
-fn arm_promotion(armed: &Path, trigger: &Path) {
-    match fs::rename(armed, trigger) {
-        Ok(()) => tracing::info!(
-            "the end of the archive is reached: {} promotes the server once it has replayed it",
-            trigger.display()
-        ),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(
-            "cannot rename {} to {}: {e}; promote the server with pg_ctl promote",
-            armed.display(),
-            trigger.display()
-        ),
+/// Requests the promotion the way `pg_ctl promote` does, which PostgreSQL 15 to 18 all
+/// honour (`promote_trigger_file` is gone from 16): the armed marker becomes the
+/// `promote` file, then the postmaster named in `pid_file` gets SIGUSR1 and passes the
+/// request to the startup process. Without the marker (already used, or never written)
+/// there is nothing to do. A failure is only logged: the server then stays a standby at the
+/// end of the archive, to be promoted by hand.
+fn request_promotion(armed: &Path, signal: &Path, pid_file: &Path) {
+    match fs::rename(armed, signal) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(
+                "cannot rename {} to {}: {e}; promote the server with pg_ctl promote",
+                armed.display(),
+                signal.display()
+            );
+            return;
+        }
     }
+    let signalled = postmaster_pid(pid_file).and_then(|pid| {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)
+            .with_context(|| format!("send SIGUSR1 to the postmaster (process {pid})"))
+    });
+    match signalled {
+        Ok(()) => tracing::info!(
+            "the end of the archive is reached: the server is asked to promote once it has replayed it"
+        ),
+        Err(e) => tracing::warn!("{e:#}; promote the server with pg_ctl promote"),
+    }
+}
+
+/// The postmaster's process id: the first line of its `postmaster.pid`.
+fn postmaster_pid(path: &Path) -> Result<nix::unistd::Pid> {
+    let text = fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    text.lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+        // A single-user server writes its negated pid; 0 and 1 are never a postmaster.
+        .filter(|&pid| pid > 1)
+        .map(nix::unistd::Pid::from_raw)
+        .ok_or_else(|| anyhow::anyhow!("{} does not start with a process id", path.display()))
 }
 
 /// Writes `file` from the store to `dest` through a temporary name. `Ok(false)`: the store
@@ -288,6 +337,47 @@ fn write_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_promotion_is_requested_once_and_signals_the_postmaster() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = spool_dir("promote");
+        fs::create_dir_all(dir.join("pg_wal")).unwrap();
+        let (armed, signal, pid_file) = (
+            dir.join(PROMOTE_ARMED),
+            dir.join(PROMOTE_SIGNAL),
+            dir.join(POSTMASTER_PID),
+        );
+        // A stand-in for the postmaster: SIGUSR1 ends it.
+        let mut postmaster = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        fs::write(&pid_file, format!("{}\n/data\n", postmaster.id())).unwrap();
+        fs::write(&armed, b"").unwrap();
+        request_promotion(&armed, &signal, &pid_file);
+        assert!(signal.exists() && !armed.exists());
+        let st = postmaster.wait().unwrap();
+        assert_eq!(st.signal(), Some(nix::sys::signal::Signal::SIGUSR1 as i32));
+        // Without the marker nothing is requested again.
+        fs::remove_file(&signal).unwrap();
+        let mut postmaster = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        fs::write(&pid_file, format!("{}\n", postmaster.id())).unwrap();
+        request_promotion(&armed, &signal, &pid_file);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(postmaster.try_wait().unwrap().is_none() && !signal.exists());
+        postmaster.kill().unwrap();
+        let _ = postmaster.wait();
+        // A pid file that names no postmaster is not signalled.
+        for bad in ["", "-1234\n", "1\n", "x\n"] {
+            fs::write(&pid_file, bad).unwrap();
+            assert!(postmaster_pid(&pid_file).is_err(), "{bad:?}");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     fn spool_dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("walship-spool-{tag}-{}", std::process::id()));

@@ -18,7 +18,7 @@
 //! follow loop publishes each new flush position. One standby is served at a time, so the
 //! replay position reported upstream is that standby's.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,10 +28,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 use walship_common::tls::{self, Reader, Writer};
 use walship_common::{pgtime, Lsn, TimelineId, WalFileName, WalSegSize};
 
+use crate::sealed;
 use crate::walread::WalReader;
 use walship_common::timeline::{read_history_file, History};
 
@@ -130,6 +131,11 @@ pub async fn start(addr: &ServeAddr, dir: &Path) -> Result<Feed> {
         view: view_rx,
         feedback: Arc::new(fb_tx),
         busy: Arc::new(AtomicBool::new(false)),
+        corrupt: sealed::Verdicts::default(),
+        // The store exists: `follow` opened it before serving.
+        owner: std::fs::metadata(dir)
+            .map(|m| m.uid())
+            .unwrap_or_else(|_| nix::unistd::geteuid().as_raw()),
     };
     let listener = match addr {
         ServeAddr::Unix {
@@ -140,8 +146,8 @@ pub async fn start(addr: &ServeAddr, dir: &Path) -> Result<Feed> {
             remove_stale_socket(&path).await?;
             let listener = UnixListener::bind(&path)
                 .with_context(|| format!("listen on {} for the standby", path.display()))?;
-            // Access is controlled by the directory's permissions, as for PostgreSQL's own
-            // socket (unix_socket_permissions = 0777).
+            // Open to all, as PostgreSQL's own socket (unix_socket_permissions = 0777): the
+            // directory's permissions, then peer authentication, decide who connects.
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
             Listener::Unix(listener)
         }
@@ -156,9 +162,9 @@ pub async fn start(addr: &ServeAddr, dir: &Path) -> Result<Feed> {
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((rd, wr)) => {
+                Ok((rd, wr, peer)) => {
                     let ctx = ctx.clone();
-                    tokio::spawn(async move { ctx.connection(rd, wr).await });
+                    tokio::spawn(async move { ctx.connection(rd, wr, peer).await });
                 }
                 Err(e) => {
                     warn!(address = %shown, "accept for the standby failed: {e}");
@@ -179,15 +185,31 @@ enum Listener {
     Tcp(TcpListener),
 }
 
+/// Who is at the other end of a standby connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    /// A Unix socket: the OS user of the connecting process (SO_PEERCRED), `None` when the
+    /// kernel would not tell.
+    Unix(Option<u32>),
+    /// TCP on loopback: the OS user cannot be known.
+    Tcp,
+}
+
 impl Listener {
-    /// The next connection, as plain read and write halves.
-    async fn accept(&self) -> std::io::Result<(Reader, Writer)> {
+    /// The next connection, as plain read and write halves, and who made it.
+    async fn accept(&self) -> std::io::Result<(Reader, Writer, Peer)> {
         Ok(match self {
-            Listener::Unix(l) => tls::split(l.accept().await?.0),
+            Listener::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                let uid = s.peer_cred().ok().map(|c| c.uid());
+                let (r, w) = tls::split(s);
+                (r, w, Peer::Unix(uid))
+            }
             Listener::Tcp(l) => {
                 let (s, _) = l.accept().await?;
                 let _ = s.set_nodelay(true);
-                tls::split(s)
+                let (r, w) = tls::split(s);
+                (r, w, Peer::Tcp)
             }
         })
     }
@@ -217,6 +239,12 @@ struct Ctx {
     feedback: Arc<watch::Sender<Feedback>>,
     /// A standby is being served.
     busy: Arc<AtomicBool>,
+    /// Sealed segments found corrupt, kept across connections: a standby that asks again
+    /// for one (its walreceiver retries every `wal_retrieve_retry_interval`) is answered
+    /// without decompressing it again, until the file changes.
+    corrupt: sealed::Verdicts,
+    /// The OS user that owns the store: the only one served on a Unix socket.
+    owner: u32,
 }
 
 /// A message from the standby, after startup.
@@ -427,7 +455,28 @@ fn parse_start(words: &[&str]) -> Result<(Lsn, Option<u32>), String> {
 }
 
 impl Ctx {
-    async fn connection(mut self, mut rd: Reader, mut wr: Writer) {
+    /// Peer authentication, as PostgreSQL's `peer` method: on a Unix socket only the OS user
+    /// that owns the store is served (the standby runs as that user), so no other local
+    /// user can read WAL through the socket. Why `peer` is refused, if it is.
+    fn refusal(&self, peer: Peer) -> Option<String> {
+        let uid = match peer {
+            Peer::Tcp => return None,
+            Peer::Unix(Some(uid)) if uid == self.owner => return None,
+            Peer::Unix(uid) => uid,
+        };
+        let owner = crate::access::user_label(nix::unistd::Uid::from_raw(self.owner));
+        Some(match uid {
+            Some(uid) => format!(
+                "peer authentication failed: wal-receiver serves the standby only to the OS user that owns the WAL store, {owner}; this connection is from {}",
+                crate::access::user_label(nix::unistd::Uid::from_raw(uid))
+            ),
+            None => format!(
+                "peer authentication failed: the OS user of this connection could not be determined; wal-receiver serves the standby only to {owner}"
+            ),
+        })
+    }
+
+    async fn connection(mut self, mut rd: Reader, mut wr: Writer, peer: Peer) {
         let params =
             match tokio::time::timeout(Duration::from_secs(30), startup(&mut rd, &mut wr)).await {
                 Ok(Ok(Some(p))) => p,
@@ -444,6 +493,12 @@ impl Ctx {
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let app = get("application_name").unwrap_or_default();
         let mut out = Out::default();
+        if let Some(why) = self.refusal(peer) {
+            warn!(application_name = %app, "standby connection refused: {why}");
+            out.error("FATAL", "28000", &why);
+            let _ = out.send(&mut wr).await;
+            return;
+        }
         let physical = get("replication").is_some_and(|v| {
             matches!(v.to_ascii_lowercase().as_str(), "true" | "on" | "yes" | "1")
         });
@@ -469,7 +524,16 @@ impl Ctx {
         let result = self.session(rd, &mut wr, &mut out, &app).await;
         match &result {
             Ok(()) => info!(application_name = %app, "standby disconnected"),
-            Err(e) => warn!(application_name = %app, "standby session ended: {e:#}"),
+            // A corrupt segment is reported once, when found, not at every retry.
+            Err(e) => match sealed::corruption(e) {
+                Some(c) if c.known => {
+                    debug!(application_name = %app, "standby session ended: {e:#}")
+                }
+                Some(_) => {
+                    error!(application_name = %app, "standby session ended: {e:#}. The standby cannot be served past it until the segment is repaired (copy it from another WAL store or from the primary's pg_wal)")
+                }
+                None => warn!(application_name = %app, "standby session ended: {e:#}"),
+            },
         }
         // Without a standby there is no hot-standby feedback to hold the primary's xmin.
         self.feedback.send_modify(|f| {
@@ -681,14 +745,25 @@ impl Ctx {
         mut end: Option<(Lsn, TimelineId)>,
         first: StoreView,
     ) -> Result<Option<(Lsn, TimelineId)>> {
-        let mut reader = WalReader::new(&self.dir, timeline, first.seg_size);
+        let mut reader =
+            WalReader::new(&self.dir, timeline, first.seg_size).with_verdicts(self.corrupt.clone());
         let mut pos = start;
         let mut view = first;
         let mut keepalive = tokio::time::interval(KEEPALIVE_INTERVAL);
         loop {
             let limit = end.map(|(e, _)| e).unwrap_or(view.flush_lsn);
             while pos < limit {
-                let data = reader.read(pos, MAX_SEND, limit)?;
+                let data = match reader.read(pos, MAX_SEND, limit) {
+                    Ok(data) => data,
+                    Err(e) => {
+                        // Tell the standby why, as a server that cannot read its WAL does.
+                        if sealed::is_corrupt(&e) {
+                            out.error("ERROR", "XX001", &format!("{e:#}"));
+                            out.send(wr).await?;
+                        }
+                        return Err(e);
+                    }
+                };
                 let Some(data) = data else {
                     let name = WalFileName::Segment {
                         timeline,

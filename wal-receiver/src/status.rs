@@ -5,9 +5,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use walship_common::WalFileName;
+use walship_common::conninfo::Settings;
+use walship_common::pgclient;
+use walship_common::{pgtime, WalFileName};
 
-use crate::store::{read_state, PARTIAL_SUFFIX, SEALED_SUFFIX};
+use crate::store::{read_state, reader_error, StoreFile};
 
 /// The fields of `status --json`.
 #[derive(Debug, Serialize)]
@@ -47,14 +49,19 @@ pub struct StandbyServer {
     pub replay_lsn: Option<String>,
     /// `pg_last_wal_receive_lsn()`: what its walreceiver has received and flushed.
     pub receive_lsn: Option<String>,
-    /// `pg_last_xact_replay_timestamp()`: commit time of the last transaction replayed.
+    /// `pg_last_xact_replay_timestamp()`: commit time of the last transaction replayed,
+    /// RFC 3339 in UTC.
     pub last_replay_time: Option<String>,
     /// The timeline it replays (or, once promoted, writes).
     pub timeline: Option<u32>,
 }
 
-/// Asks the standby server at `conninfo` (a libpq keyword/value string) for its recovery
-/// state. Never fails: an unreachable server is reported as such.
+/// The database `status --standby` connects to when the string names none.
+const STANDBY_DBNAME: &str = "postgres";
+
+/// Asks the standby server at `conninfo` (a libpq keyword/value string, read as libpq reads
+/// it, password file and sslmode included) for its recovery state. Never fails: an
+/// unreachable server is reported as such.
 pub async fn query_standby(conninfo: &str) -> StandbyServer {
     match query(conninfo).await {
         Ok(s) => s,
@@ -71,21 +78,17 @@ pub async fn query_standby(conninfo: &str) -> StandbyServer {
 }
 
 async fn query(conninfo: &str) -> Result<StandbyServer> {
-    let cfg: tokio_postgres::Config = conninfo
-        .parse()
-        .with_context(|| format!("parse connection string {conninfo:?}"))?;
-    let (client, conn) = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        cfg.connect(tokio_postgres::NoTls),
-    )
-    .await
-    .context("connecting to the standby timed out")?
-    .context("connect to the standby")?;
-    let task = tokio::spawn(conn);
+    // As libpq: PGPASSWORD, the password file and sslmode apply. Errors name a keyword,
+    // never the string, which may hold a password.
+    let settings = Settings::from_conninfo(conninfo).context("--standby")?;
+    let (client, task) = pgclient::connect_sql(&settings, STANDBY_DBNAME, Some("walship_status"))
+        .await
+        .context("connect to the standby")?;
     let row = client
         .query_one(
             "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, \
-             pg_last_wal_receive_lsn()::text, pg_last_xact_replay_timestamp()::text, \
+             pg_last_wal_receive_lsn()::text, \
+             (extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000000)::int8, \
              (SELECT CASE WHEN pg_is_in_recovery() THEN \
                 (SELECT received_tli FROM pg_stat_wal_receiver) END)::int4, \
              (SELECT timeline_id FROM pg_control_checkpoint())::int4",
@@ -104,7 +107,11 @@ async fn query(conninfo: &str) -> Result<StandbyServer> {
         in_recovery: Some(in_recovery),
         replay_lsn: row.get(1),
         receive_lsn: row.get(2),
-        last_replay_time: row.get(3),
+        // Microseconds since the Unix epoch: shown in RFC 3339, whatever the server's
+        // DateStyle and TimeZone.
+        last_replay_time: row
+            .get::<_, Option<i64>>(3)
+            .map(|us| pgtime::to_rfc3339(us - pgtime::PG_EPOCH_OFFSET_US)),
         timeline: received_tli.or(checkpoint_tli).map(|t| t as u32),
     })
 }
@@ -117,13 +124,19 @@ pub struct StandbyStatus {
     pub write_lsn: String,
     pub flush_lsn: String,
     pub replay_lsn: String,
-    /// Seconds since the Unix epoch.
+    /// When the standby last reported: seconds since the Unix epoch in the file `follow`
+    /// writes, RFC 3339 in UTC in `status --json`.
+    #[serde(serialize_with = "rfc3339_seconds")]
     pub reply_time: u64,
     pub xmin: u32,
 }
 
+fn rfc3339_seconds<S: serde::Serializer>(secs: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&pgtime::unix_to_rfc3339(*secs))
+}
+
 pub fn status(wal_dir: &Path) -> Result<Option<Status>> {
-    let Some(state) = read_state(wal_dir)? else {
+    let Some(state) = read_state(wal_dir).map_err(reader_error)? else {
         return Ok(None);
     };
     let mut names = Vec::new();
@@ -131,31 +144,26 @@ pub fn status(wal_dir: &Path) -> Result<Option<Status>> {
     let (mut sealed, mut partial) = (0, 0);
     for entry in fs::read_dir(wal_dir).with_context(|| format!("list {}", wal_dir.display()))? {
         let name = entry?.file_name().to_string_lossy().into_owned();
-        if let Some(WalFileName::History(t)) = WalFileName::parse(&name, state.seg_size) {
-            history_timelines.push(t.0);
-            continue;
-        }
-        let (base, is_sealed) = if let Some(b) = name.strip_suffix(SEALED_SUFFIX) {
-            (b, true)
-        } else if let Some(b) = name.strip_suffix(PARTIAL_SUFFIX) {
-            (b, false)
-        } else {
-            continue;
-        };
-        if let Some(WalFileName::Segment { timeline, segno }) =
-            WalFileName::parse(base, state.seg_size)
-        {
-            // A .partial past the flush position holds nothing durable yet.
-            if !is_sealed && state.seg_size.segment_start(segno) >= state.flush_lsn {
+        let (timeline, segno, is_sealed) = match StoreFile::parse(&name, state.seg_size) {
+            Some(StoreFile::History(t)) => {
+                history_timelines.push(t.0);
                 continue;
             }
-            if is_sealed {
-                sealed += 1
-            } else {
-                partial += 1
-            }
-            names.push(((timeline, segno), base.to_owned()));
+            Some(StoreFile::Sealed { timeline, segno }) => (timeline, segno, true),
+            Some(StoreFile::Partial { timeline, segno }) => (timeline, segno, false),
+            None => continue,
+        };
+        // A .partial past the flush position holds nothing durable yet.
+        if !is_sealed && state.seg_size.segment_start(segno) >= state.flush_lsn {
+            continue;
         }
+        if is_sealed {
+            sealed += 1
+        } else {
+            partial += 1
+        }
+        let base = WalFileName::Segment { timeline, segno }.to_name(state.seg_size);
+        names.push(((timeline, segno), base));
     }
     names.sort();
     names.dedup_by(|a, b| a.0 == b.0);
@@ -224,12 +232,20 @@ impl std::fmt::Display for Status {
         if let Some(s) = &self.standby {
             writeln!(
                 f,
-                "standby:            {} ({}), replayed to {}, flushed to {}, last report at {} (Unix time)",
-                if s.application_name.is_empty() { "?" } else { &s.application_name },
-                if s.connected { "connected" } else { "not connected" },
+                "standby:            {} ({}), replayed to {}, flushed to {}, last report at {}",
+                if s.application_name.is_empty() {
+                    "?"
+                } else {
+                    &s.application_name
+                },
+                if s.connected {
+                    "connected"
+                } else {
+                    "not connected"
+                },
                 s.replay_lsn,
                 s.flush_lsn,
-                s.reply_time
+                pgtime::unix_to_rfc3339(s.reply_time)
             )?;
         }
         if !self.history_timelines.is_empty() {

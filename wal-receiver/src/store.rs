@@ -25,7 +25,7 @@
 //! between leaves both, and the next start seals again (idempotently).
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -59,6 +59,12 @@ pub enum StoreError {
     CorruptState { path: PathBuf, why: String },
     #[error("the WAL store {dir} is inconsistent: {why}")]
     Inconsistent { dir: PathBuf, why: String },
+    #[error("cannot use {} as a WAL store: {what}: {error}. Give a --wal-dir that the user running wal-receiver can create and write", dir.display())]
+    Unusable {
+        dir: PathBuf,
+        what: &'static str,
+        error: std::io::Error,
+    },
     #[error("sealing a segment failed: {0}")]
     Seal(String),
     #[error(transparent)]
@@ -72,7 +78,7 @@ pub enum StoreError {
 /// 12  4  timeline
 /// 16  8  system identifier
 /// 24  4  WAL segment size in bytes
-/// 28  4  zero
+/// 28  4  PostgreSQL major version of the primary (0 in stores made before it was kept)
 /// 32  8  flush LSN: every byte below it is fsynced in this store
 /// 40  8  WAL bytes received (raw)
 /// 48  8  bytes those took on the wire (frames, compressed)
@@ -99,6 +105,7 @@ impl StoreState {
             seg_size: self.seg_size.bytes(),
             system_id: self.system_id,
             timeline: self.timeline,
+            pg_major: self.pg_version,
         }
     }
 
@@ -176,7 +183,7 @@ pub fn read_state(dir: &Path) -> Result<Option<StoreState>, StoreError> {
 
 /// `state`, read as recorded, as [`read_state`] gives it.
 pub fn with_wal_past(dir: &Path, mut state: StoreState) -> Result<StoreState, StoreError> {
-    if state.pg_version == walcheck::PG_MAJOR
+    if walcheck::knows(state.pg_version)
         && restarted_since_writer(dir)
         && lock_holder(dir) == Some(false)
     {
@@ -220,6 +227,7 @@ pub fn try_lock_exclusive(path: &Path) -> Result<Option<Flock<File>>, DurableErr
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(crate::access::file_mode())
         .open(path)
         .map_err(|e| DurableError::io("open", path, e))?;
     Ok(Flock::lock(file, FlockArg::LockExclusiveNonblock).ok())
@@ -246,8 +254,12 @@ fn flush_segment_path(dir: &Path, state: &StoreState) -> PathBuf {
 }
 
 /// The end of the whole, valid WAL records past `state.flush_lsn` in `path`, the segment
-/// that holds it, if there are any.
+/// that holds it, if there are any. None for WAL of a PostgreSQL version the walker does not
+/// read: such a store syncs `state` on every flush, so nothing lies past it.
 fn wal_end_past(path: &Path, state: &StoreState) -> Result<Option<Lsn>, StoreError> {
+    if !walcheck::knows(state.pg_version) {
+        return Ok(None);
+    }
     let segno = state.seg_size.segment_of(state.flush_lsn);
     let file = match File::open(path) {
         Ok(f) => f,
@@ -317,6 +329,79 @@ pub fn timeline_segment_path(
     dir.join(format!("{name}{suffix}"))
 }
 
+/// How a reader of a store (`status`, `restore-wal`) ends on a store error: exit 5 for a
+/// corrupt or inconsistent store, as `follow` would; any other error (a file it cannot
+/// read) is a plain error, exit 1, since a reader writes nothing to the disk.
+pub fn reader_error(e: StoreError) -> anyhow::Error {
+    match e {
+        StoreError::CorruptState { .. } | StoreError::Inconsistent { .. } => crate::Fatal {
+            code: crate::exit::STORE_CORRUPT,
+            message: e.to_string(),
+        }
+        .into(),
+        e => e.into(),
+    }
+}
+
+/// An error from setting up the store's directory: [`StoreError::Unusable`] when it comes
+/// from how the directory was given (a file in its path, no permission, a read-only file
+/// system, a name too long), which the operator must fix; a disk error otherwise.
+fn unusable_or_io(dir: &Path, what: &'static str, error: std::io::Error) -> StoreError {
+    use nix::libc::{EACCES, EEXIST, EISDIR, ELOOP, ENAMETOOLONG, ENOTDIR, EPERM, EROFS};
+    match error.raw_os_error() {
+        Some(EACCES | EPERM | EROFS | ENOTDIR | EEXIST | EISDIR | ELOOP | ENAMETOOLONG) => {
+            StoreError::Unusable {
+                dir: dir.to_owned(),
+                what,
+                error,
+            }
+        }
+        _ => DurableError::io(what, dir, error).into(),
+    }
+}
+
+/// A file of a store's directory that holds WAL, known by its name. The one parser of the
+/// names found in a store: every reader of the directory calls it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreFile {
+    /// `<segment>.zst`: a sealed segment (see [`crate::sealed`]).
+    Sealed {
+        timeline: TimelineId,
+        segno: SegmentNo,
+    },
+    /// `<segment>.partial`: a segment being written, or complete and not yet sealed.
+    Partial {
+        timeline: TimelineId,
+        segno: SegmentNo,
+    },
+    /// `<timeline>.history`: a timeline history file.
+    History(TimelineId),
+}
+
+impl StoreFile {
+    /// What `name` names in a store whose segments are `seg_size` bytes. `None` for any
+    /// other name: `state`, `LOCK`, temporary files, and anything unknown (which may be any
+    /// string: only ASCII names are ever accepted).
+    pub fn parse(name: &str, seg_size: WalSegSize) -> Option<StoreFile> {
+        let segment = |base: &str| match WalFileName::parse(base, seg_size)? {
+            WalFileName::Segment { timeline, segno } => Some((timeline, segno)),
+            WalFileName::History(_) => None,
+        };
+        if let Some(base) = name.strip_suffix(SEALED_SUFFIX) {
+            let (timeline, segno) = segment(base)?;
+            Some(StoreFile::Sealed { timeline, segno })
+        } else if let Some(base) = name.strip_suffix(PARTIAL_SUFFIX) {
+            let (timeline, segno) = segment(base)?;
+            Some(StoreFile::Partial { timeline, segno })
+        } else {
+            match WalFileName::parse(name, seg_size)? {
+                WalFileName::History(t) => Some(StoreFile::History(t)),
+                WalFileName::Segment { .. } => None,
+            }
+        }
+    }
+}
+
 /// Work for the sealer thread.
 enum SealJob {
     Seal(StoreState, SegmentNo),
@@ -356,13 +441,23 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`, takes its lock, checks its state and
     /// queues any complete segment that is not yet sealed.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        fs::create_dir_all(dir).map_err(|e| DurableError::io("create directory", dir, e))?;
+        // Private as PostgreSQL's data directory (the umask makes its files so, too).
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(crate::access::dir_mode())
+            .create(dir)
+            .map_err(|e| unusable_or_io(dir, "create the directory", e))?;
         let lock_path = dir.join(LOCK_FILE);
         // A reader (status, restore-wal) may hold a shared lock for a moment: wait a little
         // before calling the store taken.
         let mut tries = 0;
         let lock = loop {
-            match try_lock_exclusive(&lock_path)? {
+            match try_lock_exclusive(&lock_path).map_err(|e| match e {
+                DurableError::Io { source, .. } => {
+                    unusable_or_io(dir, "open its LOCK file", source)
+                }
+                e => e.into(),
+            })? {
                 Some(lock) => break lock,
                 None if tries < 50 => {
                     tries += 1;
@@ -483,11 +578,8 @@ impl Store {
         let flush_seg = state.seg_size.segment_of(state.flush_lsn);
         let mut to_seal = Vec::new();
         for name in &names {
-            let Some(base) = name.strip_suffix(PARTIAL_SUFFIX) else {
-                continue;
-            };
-            if let Some(WalFileName::Segment { timeline, segno }) =
-                WalFileName::parse(base, state.seg_size)
+            if let Some(StoreFile::Partial { timeline, segno }) =
+                StoreFile::parse(name, state.seg_size)
             {
                 if timeline == state.timeline && segno < flush_seg {
                     to_seal.push(segno);
@@ -662,6 +754,7 @@ impl Store {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(crate::access::file_mode())
             .open(&path)
             .map_err(|e| DurableError::io("open segment", &path, e))?;
         if !existed {
@@ -709,9 +802,9 @@ impl Store {
         state.wire_bytes += self.pending_wire;
         // Synced when the position leaves the segment of the last synced one: recovery
         // walks only that segment, and a segment is sealed only once `state` is past it.
-        // The walker knows PostgreSQL 15's page format only; with another (or unrecorded)
+        // The walker knows the WAL of PostgreSQL 15 to 18 only; with another (or unrecorded)
         // version `state` is synced on every flush.
-        let sync = state.pg_version != walcheck::PG_MAJOR
+        let sync = !walcheck::knows(state.pg_version)
             || state.seg_size.segment_of(state.flush_lsn)
                 != state.seg_size.segment_of(self.durable_flush);
         self.persist_state(&state, sync)?;
@@ -1117,5 +1210,60 @@ mod tests {
             Err(StoreError::CorruptState { .. })
         ));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_directory_that_cannot_be_a_store_is_a_usage_error() {
+        let dir = tmpdir("unusable");
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("a-file");
+        fs::write(&file, b"").unwrap();
+        // Under a file, and a file itself.
+        for wal_dir in [file.join("wal"), file.clone()] {
+            let e = Store::open(&wal_dir).err().expect("opened");
+            assert!(matches!(e, StoreError::Unusable { .. }), "{e}");
+            assert!(e.to_string().contains("--wal-dir"), "{e}");
+            let e = crate::follow::store_fatal(e);
+            let code = e.downcast_ref::<crate::Fatal>().map(|f| f.code);
+            assert_eq!(code, Some(crate::exit::USAGE), "{e:#}");
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_names_of_a_stores_files_are_known() {
+        let seg = seg1m();
+        let (t1, t2) = (TimelineId(1), TimelineId(2));
+        for (name, want) in [
+            (
+                "000000010000000000000003.zst",
+                Some(StoreFile::Sealed {
+                    timeline: t1,
+                    segno: SegmentNo(3),
+                }),
+            ),
+            (
+                "0000000200000001000000FF.partial",
+                Some(StoreFile::Partial {
+                    timeline: t2,
+                    // 4096 segments of 1 MiB per "xlogid".
+                    segno: SegmentNo(0x10FF),
+                }),
+            ),
+            ("00000002.history", Some(StoreFile::History(t2))),
+            ("000000010000000000000003", None),
+            ("00000002.history.zst", None),
+            ("00000002.history.partial", None),
+            ("000000010000000000000003.zst.tmp", None),
+            ("state", None),
+            (LOCK_FILE, None),
+            ("standby.json", None),
+            // 24 bytes with a multi-byte character across a field boundary.
+            ("0000000\u{e9}000000000000023.partial", None),
+            ("000000010000000\u{20ac}000023.zst", None),
+            ("0000000100000000000000\u{e9}", None),
+        ] {
+            assert_eq!(StoreFile::parse(name, seg), want, "{name:?}");
+        }
     }
 }

@@ -6,9 +6,9 @@
 //! records from its first page and returns the end of the last record that is whole and
 //! valid:
 //!
-//! - every page header has PostgreSQL 15's magic, the page's own address (`xlp_pageaddr`), a
-//!   plausible timeline, never lower than an earlier page's, and the continuation flag and
-//!   length a record spanning pages needs;
+//! - every page header has the magic of the store's PostgreSQL major version, the page's own
+//!   address (`xlp_pageaddr`), a plausible timeline, never lower than an earlier page's, and
+//!   the continuation flag and length a record spanning pages needs;
 //! - the first page's long header names the store's system identifier, segment size and a
 //!   sane page size;
 //! - every record has a sane length, points back at the record before it (`xl_prev`), and
@@ -19,6 +19,10 @@
 //! the position *forward* from what `state` recorded, so stopping early is always safe.
 //! It reads one page at a time, so memory does not grow with the segment size, and it never
 //! reads past the segment.
+//!
+//! PostgreSQL 15 to 18 lay out pages, record headers and transaction end records the same
+//! way; only the page magic (`XLOG_PAGE_MAGIC`) changes with each major version. WAL of a
+//! version not in [`MAJORS`] is refused ([`UnknownFormat`]) rather than read by guesswork.
 
 use std::fs::File;
 use std::io;
@@ -26,10 +30,48 @@ use std::os::unix::fs::FileExt;
 
 use walship_common::{Lsn, TimelineId};
 
-/// The PostgreSQL major version whose WAL format this module reads.
-pub const PG_MAJOR: u32 = 15;
-/// `XLOG_PAGE_MAGIC` of PostgreSQL 15.
-pub const XLOG_PAGE_MAGIC: u16 = 0xD110;
+/// The PostgreSQL major versions whose WAL format this module reads.
+pub const MAJORS: std::ops::RangeInclusive<u32> = 15..=18;
+
+/// `XLOG_PAGE_MAGIC` (`src/include/access/xlog_internal.h`) of each major version in
+/// [`MAJORS`]: the first two bytes of every WAL page.
+const PAGE_MAGICS: [(u32, u16); 4] = [(15, 0xD110), (16, 0xD113), (17, 0xD116), (18, 0xD118)];
+
+/// The page magic of PostgreSQL `major`'s WAL, if this module knows that format.
+pub fn page_magic(major: u32) -> Option<u16> {
+    PAGE_MAGICS
+        .iter()
+        .find(|&&(m, _)| m == major)
+        .map(|&(_, magic)| magic)
+}
+
+/// Whether this module reads the WAL of PostgreSQL `major` (0, a store that did not record
+/// its version, is not known).
+pub fn knows(major: u32) -> bool {
+    page_magic(major).is_some()
+}
+
+/// The error for WAL of a PostgreSQL major version this module does not read.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", unknown_format_message(*major))]
+pub struct UnknownFormat {
+    /// The major version recorded for the WAL (0 when none was).
+    pub major: u32,
+}
+
+fn unknown_format_message(major: u32) -> String {
+    let known = format!(
+        "this wal-receiver reads the WAL of PostgreSQL {} to {}",
+        MAJORS.start(),
+        MAJORS.end()
+    );
+    if major == 0 {
+        format!("the store does not record which PostgreSQL version its WAL is of (it was made by an older wal-receiver); {known}")
+    } else {
+        format!("the WAL is PostgreSQL {major}'s, whose format is not known; {known}")
+    }
+}
+
 const XLP_FIRST_IS_CONTRECORD: u16 = 0x0001;
 const XLP_LONG_HEADER: u16 = 0x0002;
 const XLP_FIRST_IS_OVERWRITE_CONTRECORD: u16 = 0x0008;
@@ -97,13 +139,16 @@ pub struct Expect {
     pub system_id: u64,
     /// The store's timeline: no page may carry a later one.
     pub timeline: TimelineId,
+    /// The PostgreSQL major version the store records: it decides the page magic.
+    pub pg_major: u32,
 }
 
 /// The end of the last whole, valid record that starts in the segment (with its alignment
 /// padding, if that is zero, as PostgreSQL counts it), or `None` if there is none (or the
 /// first page is not this segment's). A record that continues into the
 /// next segment is not counted. An `XLOG_SWITCH` record ends the walk: the rest of the
-/// segment is padding.
+/// segment is padding. WAL of a major version not in [`MAJORS`] is an error of kind
+/// `Unsupported` that wraps [`UnknownFormat`].
 pub fn valid_end(src: impl SegmentSource, expect: Expect) -> io::Result<Option<Lsn>> {
     Ok(scan(src, expect, None)?.end)
 }
@@ -176,6 +221,7 @@ fn xact_time(body: &[u8]) -> Option<i64> {
 struct Walker<S> {
     src: S,
     expect: Expect,
+    magic: u16,
     blcksz: u64,
     page: Vec<u8>,
     /// Offset of the page in `page`, once one is loaded.
@@ -232,6 +278,14 @@ fn maxalign(x: u64) -> u64 {
 impl<S: SegmentSource> Walker<S> {
     /// Checks the long header of the first page; `None` if it is not this segment's.
     fn new(mut src: S, expect: Expect) -> io::Result<Option<Walker<S>>> {
+        let magic = page_magic(expect.pg_major).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                UnknownFormat {
+                    major: expect.pg_major,
+                },
+            )
+        })?;
         let mut long = [0u8; LONG_HEADER as usize];
         if !src.read_at(0, &mut long)? {
             return Ok(None);
@@ -248,6 +302,7 @@ impl<S: SegmentSource> Walker<S> {
         Ok(Some(Walker {
             src,
             expect,
+            magic,
             blcksz,
             // Bounded by the check above: at most 64 KiB.
             page: vec![0; blcksz as usize],
@@ -275,7 +330,7 @@ impl<S: SegmentSource> Walker<S> {
 
     /// The header of the page at `off` (a page boundary), if it is valid for this segment.
     fn page_header(&mut self, off: u64) -> io::Result<Option<PageHeader>> {
-        let expect = self.expect;
+        let (expect, magic) = (self.expect, self.magic);
         let latest_page = self.latest_page;
         let long = off == 0;
         let len = if long { LONG_HEADER } else { SHORT_HEADER };
@@ -291,7 +346,7 @@ impl<S: SegmentSource> Walker<S> {
             Some((latest, latest_tli)) if off > latest => tli >= latest_tli,
             _ => true,
         };
-        let valid = u16_at(h, 0) == XLOG_PAGE_MAGIC
+        let valid = u16_at(h, 0) == magic
             && info & !XLP_ALL_FLAGS == 0
             && (info & XLP_LONG_HEADER != 0) == long
             && tli != 0
@@ -501,6 +556,7 @@ pub mod tests {
         pub seg_size: u64,
         pub system_id: u64,
         pub tli: u32,
+        pub pg_major: u32,
         pub bytes: Vec<u8>,
         pub pos: u64,
         prev: u64,
@@ -509,13 +565,26 @@ pub mod tests {
     }
 
     impl WalBuilder {
-        /// A segment at `start` whose first `cont` bytes finish a record of the previous one.
+        /// A segment of PostgreSQL 15 WAL at `start` whose first `cont` bytes finish a record
+        /// of the previous one.
         pub fn new(start: u64, seg_size: u64, system_id: u64, cont: u32) -> WalBuilder {
+            WalBuilder::of(15, start, seg_size, system_id, cont)
+        }
+
+        /// [`WalBuilder::new`] for PostgreSQL `pg_major`.
+        pub fn of(
+            pg_major: u32,
+            start: u64,
+            seg_size: u64,
+            system_id: u64,
+            cont: u32,
+        ) -> WalBuilder {
             let mut b = WalBuilder {
                 start,
                 seg_size,
                 system_id,
                 tli: 1,
+                pg_major,
                 bytes: vec![0; seg_size as usize],
                 pos: 0,
                 prev: start.saturating_sub(64),
@@ -552,7 +621,8 @@ pub mod tests {
                 info |= XLP_LONG_HEADER;
             }
             let h = &mut self.bytes[off as usize..];
-            h[0..2].copy_from_slice(&XLOG_PAGE_MAGIC.to_le_bytes());
+            let magic = page_magic(self.pg_major).expect("a known major");
+            h[0..2].copy_from_slice(&magic.to_le_bytes());
             h[2..4].copy_from_slice(&info.to_le_bytes());
             h[4..8].copy_from_slice(&self.tli.to_le_bytes());
             h[8..16].copy_from_slice(&(self.start + off).to_le_bytes());
@@ -637,6 +707,7 @@ pub mod tests {
                 seg_size: self.seg_size,
                 system_id: self.system_id,
                 timeline: TimelineId(self.tli),
+                pg_major: self.pg_major,
             }
         }
 
@@ -672,6 +743,49 @@ pub mod tests {
         for cont in [0, 100, 8000, 20000] {
             let b = built(cont, 40);
             assert_eq!(end(&b.bytes, b.expect()), b.end_of(39), "cont {cont}");
+        }
+    }
+
+    #[test]
+    fn each_known_major_is_read_with_its_own_page_magic_only() {
+        for major in MAJORS {
+            let mut b = WalBuilder::of(major, START, SEG, 42, 100);
+            for i in 0..20 {
+                assert!(b.record(&body(i), false));
+            }
+            assert_eq!(
+                end(&b.bytes, b.expect()),
+                b.end_of(19),
+                "PostgreSQL {major}"
+            );
+            // The same bytes taken for another version's WAL hold nothing valid.
+            for other in MAJORS.filter(|&m| m != major) {
+                let e = Expect {
+                    pg_major: other,
+                    ..b.expect()
+                };
+                assert_eq!(end(&b.bytes, e), None, "{major}'s WAL read as {other}'s");
+            }
+        }
+    }
+
+    #[test]
+    fn wal_of_an_unknown_major_is_refused_not_guessed() {
+        let b = built(0, 5);
+        for major in [0, 14, 19] {
+            let e = Expect {
+                pg_major: major,
+                ..b.expect()
+            };
+            let err = valid_end(b.bytes.as_slice(), e).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+            let msg = err.to_string();
+            assert!(msg.contains("PostgreSQL 15 to 18"), "{msg}");
+            if major != 0 {
+                assert!(msg.contains(&format!("PostgreSQL {major}'s")), "{msg}");
+            }
+            assert!(scan(b.bytes.as_slice(), e, None).is_err());
+            assert!(!knows(major));
         }
     }
 

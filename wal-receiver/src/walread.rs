@@ -66,6 +66,8 @@ pub struct WalReader {
     /// The large sealed segment whose checksum was last checked.
     verified: Option<SegmentNo>,
     whole_max: u64,
+    /// Sealed files found corrupt: not decompressed again until they change.
+    verdicts: sealed::Verdicts,
 }
 
 impl WalReader {
@@ -77,7 +79,15 @@ impl WalReader {
             sealed: None,
             verified: None,
             whole_max: WHOLE_MAX,
+            verdicts: sealed::Verdicts::default(),
         }
+    }
+
+    /// Shares `verdicts` with other readers, so that a sealed file one of them found
+    /// corrupt is not decompressed again by the next.
+    pub fn with_verdicts(mut self, verdicts: sealed::Verdicts) -> WalReader {
+        self.verdicts = verdicts;
+        self
     }
 
     fn path(&self, segno: SegmentNo, suffix: &str) -> PathBuf {
@@ -122,7 +132,8 @@ impl WalReader {
             // checksum is. Sealed files are never rewritten with other content.
             if self.verified != Some(segno) {
                 self.sealed = None;
-                sealed::read_sealed(&sealed_path, seg_len, &mut io::sink())?;
+                self.verdicts
+                    .read_sealed(&sealed_path, seg_len, &mut io::sink())?;
                 self.verified = Some(segno);
             }
             let (dec, _) = sealed::open_sealed(&sealed_path, seg_len)?;
@@ -134,7 +145,8 @@ impl WalReader {
             return self.read_stream(offset, len).map(Some);
         }
         let mut whole = Vec::with_capacity(seg_len as usize);
-        sealed::read_sealed(&sealed_path, seg_len, &mut whole)?;
+        self.verdicts
+            .read_sealed(&sealed_path, seg_len, &mut whole)?;
         let out = whole[offset as usize..offset as usize + len].to_vec();
         self.sealed = Some(SealedCache::Whole(segno, whole));
         Ok(Some(out))

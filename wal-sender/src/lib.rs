@@ -2,7 +2,9 @@
 //!
 //! - [`pgconn`]: a minimal client for PostgreSQL's replication protocol.
 //! - [`session`]: one receiver's handshake, slot and stream.
-//! - [`serve`]: the listener that runs a session per receiver.
+//! - [`snapshot`]: the snapshot service and its SQL session.
+//! - [`serve`]: the listener that runs a session per receiver, after checking at start-up
+//!   that the primary can be used as configured.
 
 pub mod pgconn;
 pub mod session;
@@ -15,13 +17,22 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
+use walship_common::conninfo::Settings;
+use walship_common::pgclient;
+use walship_common::protocol::ErrorCode;
 
+use crate::pgconn::ReplConn;
 pub use crate::session::Security;
 use crate::session::SessionConfig;
 
+/// The exit code of `serve` when it cannot use the primary as configured (see
+/// [`SetupFailure`]); the receivers' exit code for the same cause has the same number.
+pub const EXIT_SETUP: u8 = 12;
+
 /// What `wal-sender serve` needs.
 pub struct ServeConfig {
-    pub pg_conn: String,
+    /// How to connect to the primary.
+    pub pg: Settings,
     pub listen: String,
     pub zstd_level: i32,
     pub snapshot_zstd_level: i32,
@@ -32,18 +43,15 @@ pub struct ServeConfig {
     pub security: Security,
 }
 
+/// `serve` found at start-up that it cannot use the primary as configured (a password, a
+/// role, a database, a setting): retrying cannot help. The message names the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SetupFailure(pub String);
+
 /// Accepts receivers until SIGINT or SIGTERM.
 pub async fn serve(cfg: ServeConfig) -> Result<()> {
-    let pg = pgconn::parse_conninfo(&cfg.pg_conn)?;
-    match pgconn::ReplConn::connect(&pg, "walship_sender_check").await {
-        Ok(mut c) => {
-            let sys = c.identify_system().await?;
-            info!(system_id = sys.system_id, timeline = sys.timeline, flush_lsn = %sys.flush_lsn,
-                  server_version = %c.server_version, "connected to PostgreSQL");
-            c.terminate().await;
-        }
-        Err(e) => warn!("cannot reach PostgreSQL yet ({e:#}); receivers will retry"),
-    }
+    check_primary(&cfg.pg, cfg.pgdata.as_deref()).await?;
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listen on {}", cfg.listen))?;
@@ -63,7 +71,7 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         }
     }
     let session_cfg = SessionConfig {
-        pg,
+        pg: cfg.pg.clone(),
         zstd_level: cfg.zstd_level,
         snapshot_zstd_level: cfg.snapshot_zstd_level,
         pgdata: cfg.pgdata.clone(),
@@ -99,5 +107,87 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         }
     }
     info!("wal-sender stopping");
+    Ok(())
+}
+
+/// Checks at start-up that the primary can be used, with the replication connection and
+/// then the SQL session that snapshots use. A problem retrying cannot fix is an error
+/// ([`SetupFailure`]), so that a service manager sees the failure; anything else (the
+/// server is not up yet) is a warning, and receivers will retry. Missing grants that only
+/// snapshots need are warnings too: following works without them.
+async fn check_primary(pg: &Settings, pgdata: Option<&std::path::Path>) -> Result<()> {
+    info!(pg_conn = %pg, "checking the connection to PostgreSQL");
+    let judge = |e: anyhow::Error| -> Result<()> {
+        if e.is::<SetupFailure>() {
+            return Err(e);
+        }
+        match session::classify(&e) {
+            (ErrorCode::Setup, text) => Err(SetupFailure(text).into()),
+            (_, text) => {
+                warn!("cannot reach PostgreSQL yet ({text}); receivers will retry");
+                Ok(())
+            }
+        }
+    };
+    if let Err(e) = check_replication(pg).await {
+        judge(e)?;
+        return Ok(());
+    }
+    if let Err(e) = check_sql(pg, pgdata).await {
+        judge(e)?;
+    }
+    Ok(())
+}
+
+async fn check_replication(pg: &Settings) -> Result<()> {
+    let mut c = ReplConn::connect(pg, "walship_sender_check")
+        .await
+        .context("open a replication connection")?;
+    let sys = c.identify_system().await?;
+    let wal_level = c.show("wal_level").await?;
+    let max_slots = c.show("max_replication_slots").await?;
+    info!(system_id = sys.system_id, timeline = sys.timeline, flush_lsn = %sys.flush_lsn,
+          server_version = %c.server_version, "connected to PostgreSQL");
+    c.terminate().await;
+    if wal_level == "minimal" {
+        return Err(SetupFailure(
+            "the primary runs with wal_level = minimal, which keeps no WAL for replication: set wal_level = replica and restart PostgreSQL".into(),
+        )
+        .into());
+    }
+    if max_slots.trim() == "0" {
+        return Err(SetupFailure(
+            "the primary has max_replication_slots = 0: set it to at least the number of receivers (each has the slot walship_NAME) and restart PostgreSQL".into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+async fn check_sql(pg: &Settings, pgdata: Option<&std::path::Path>) -> Result<()> {
+    let (sql, conn) =
+        pgclient::connect_sql(pg, snapshot::DEFAULT_DBNAME, Some("walship_sender_check"))
+            .await
+            .context("open the SQL session that snapshots use")?;
+    let grants = sql
+        .query_one(
+            "SELECT has_function_privilege('pg_backup_start(text, boolean)', 'EXECUTE') \
+                AND has_function_privilege('pg_backup_stop(boolean)', 'EXECUTE')",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, bool>(0));
+    match grants {
+        Ok(true) => match snapshot::data_directory(&sql, pgdata).await {
+            Ok(dir) => info!(pgdata = %dir.display(), "snapshots can be served"),
+            Err(e) => warn!("bootstrap and backup will fail until this is fixed: {}", session::classify(&e).1),
+        },
+        Ok(false) => warn!(
+            "the role may not run pg_backup_start and pg_backup_stop: bootstrap and backup will fail until it is granted EXECUTE on both (see the README)"
+        ),
+        Err(e) => warn!("cannot check the role's grants for snapshots: {e}"),
+    }
+    drop(sql);
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! The wal-sender command line. Exit codes: 0 stopped by a signal, 1 error, 2 bad usage or
-//! configuration (including unusable TLS files and a non-loopback address without TLS).
+//! configuration (including unusable TLS files, a non-loopback address without TLS, and a
+//! connection string that cannot be parsed), 12 the primary cannot be used as configured
+//! (authentication, role, database, settings; found at start-up).
 
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
@@ -31,8 +33,12 @@ enum Command {
     /// walship_NAME and a replication connection with application_name=NAME.
     Serve {
         /// libpq keyword/value connection string for the primary, e.g.
-        /// "host=/var/run/postgresql port=5432 user=postgres". The role needs REPLICATION.
-        #[arg(long, value_name = "CONNINFO")]
+        /// "host=/var/run/postgresql port=5432 user=walship". What it does not give comes
+        /// from libpq's environment (PGHOST, PGUSER, PGSSLMODE...) and defaults. Keep the
+        /// password out of it (every local user sees a command line): walship reads
+        /// PGPASSWORD and the password file (passfile, PGPASSFILE, ~/.pgpass) as libpq
+        /// does. TLS: sslmode, sslrootcert, sslcert, sslkey. The role needs REPLICATION.
+        #[arg(long, value_name = "CONNINFO", default_value = "")]
         pg_conn: String,
         /// Address to listen on for receivers.
         #[arg(long, value_name = "HOST:PORT")]
@@ -116,6 +122,8 @@ fn security(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The sender creates no files today; whatever it may create is private, as PostgreSQL's.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     logging::init(cli.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -147,8 +155,16 @@ fn main() -> ExitCode {
                         return ExitCode::from(2);
                     }
                 };
+            // The error names the keyword at fault, never the string (it may hold a password).
+            let pg = match walship_common::conninfo::Settings::from_conninfo(&pg_conn) {
+                Ok(pg) => pg,
+                Err(e) => {
+                    eprintln!("wal-sender: --pg-conn: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             rt.block_on(wal_sender::serve(wal_sender::ServeConfig {
-                pg_conn,
+                pg,
                 listen,
                 zstd_level,
                 snapshot_zstd_level,
@@ -162,6 +178,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<wal_sender::SetupFailure>() => {
+            eprintln!("wal-sender: {e:#}");
+            ExitCode::from(wal_sender::EXIT_SETUP)
+        }
         Err(e) => {
             eprintln!("wal-sender: {e:#}");
             ExitCode::from(1)

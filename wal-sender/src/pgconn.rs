@@ -3,40 +3,29 @@
 //! tokio-postgres cannot open a replication connection (it never sends `replication=true`
 //! and has no CopyBoth), so this module speaks the wire protocol itself, using
 //! postgres-protocol to build frontend messages and its SCRAM/md5 helpers to authenticate.
-//! Connection parameters come from a libpq keyword/value string parsed by
-//! `tokio_postgres::Config`.
+//! The connection string, the password and TLS are handled as libpq handles them, by
+//! [`walship_common::conninfo`] and [`walship_common::pgclient`].
 //!
 //! Every backend message is checked against [`MAX_BACKEND_MESSAGE`] before its body is
 //! buffered. [`ReplConn::recv_copy`] is cancellation-safe: bytes read stay in the connection's
 //! buffer until a whole message is there, so it can be used in `select!`.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, BufMut, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::config::Host;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use walship_common::conninfo::{Settings, Target};
+use walship_common::pgclient::{self, ConnectError, PgStream, SetupError};
 use walship_common::{pgtime, Lsn};
+
+pub use walship_common::pgclient::PgError;
 
 /// The largest backend message accepted (replication data messages are at most 128 KiB).
 pub const MAX_BACKEND_MESSAGE: usize = 64 << 20;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-
-trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
-
-/// An error PostgreSQL reported (ErrorResponse), with its SQLSTATE.
-#[derive(Debug, thiserror::Error)]
-#[error("{severity}: {message} (SQLSTATE {code})")]
-pub struct PgError {
-    pub severity: String,
-    pub code: String,
-    pub message: String,
-}
+/// The database a physical replication connection names, for the password file (as
+/// pg_basebackup does).
+const REPLICATION_DB: &str = "replication";
 
 /// What arrives on a replication stream.
 #[derive(Debug)]
@@ -66,146 +55,152 @@ pub struct SystemInfo {
 
 /// A replication connection (`replication=true`).
 pub struct ReplConn {
-    stream: Box<dyn Stream>,
+    stream: PgStream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     pub server_version: String,
 }
 
-/// Fills in what libpq would default: user from the OS, host `/var/run/postgresql`, port 5432.
-pub fn parse_conninfo(conninfo: &str) -> Result<tokio_postgres::Config> {
-    let mut cfg: tokio_postgres::Config = conninfo
-        .parse()
-        .with_context(|| format!("parse connection string {conninfo:?}"))?;
-    if cfg.get_user().is_none() {
-        let user = std::env::var("PGUSER").ok().or_else(|| {
-            nix::unistd::User::from_uid(nix::unistd::getuid())
-                .ok()
-                .flatten()
-                .map(|u| u.name)
-        });
-        cfg.user(user.ok_or_else(|| {
-            anyhow!("no user in the connection string and none in the environment")
-        })?);
-    }
-    if cfg.get_hosts().is_empty() {
-        cfg.host_path("/var/run/postgresql");
-    }
-    Ok(cfg)
-}
-
 impl ReplConn {
-    /// Connects with `replication=true` and `application_name`, and authenticates.
-    pub async fn connect(cfg: &tokio_postgres::Config, application_name: &str) -> Result<ReplConn> {
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
-        let mut last_err = anyhow!("no host to connect to");
-        for host in cfg.get_hosts() {
+    /// Connects with `replication=true` and `application_name` to the first of the hosts
+    /// that accepts, and authenticates. The error of the last host tried is returned.
+    pub async fn connect(
+        pg: &Settings,
+        application_name: &str,
+    ) -> std::result::Result<ReplConn, ConnectError> {
+        let mut last = None;
+        for target in &pg.targets {
             let attempt = async {
-                let stream: Box<dyn Stream> = match host {
-                    Host::Tcp(h) => {
-                        let s = TcpStream::connect((h.as_str(), port))
-                            .await
-                            .with_context(|| format!("connect to {h}:{port}"))?;
-                        s.set_nodelay(true)?;
-                        Box::new(s)
-                    }
-                    Host::Unix(dir) => {
-                        let path: PathBuf = dir.join(format!(".s.PGSQL.{port}"));
-                        Box::new(
-                            UnixStream::connect(&path)
-                                .await
-                                .with_context(|| format!("connect to {}", path.display()))?,
-                        )
-                    }
-                };
+                let stream = pgclient::open(pg, target).await?;
                 let mut conn = ReplConn {
                     stream,
                     rbuf: BytesMut::with_capacity(256 << 10),
                     wbuf: BytesMut::new(),
                     server_version: String::new(),
                 };
-                conn.startup(cfg, application_name).await?;
-                Ok::<_, anyhow::Error>(conn)
+                conn.startup(pg, target, application_name).await?;
+                Ok::<_, ConnectError>(conn)
             };
-            match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            match tokio::time::timeout(pg.connect_timeout, attempt).await {
                 Ok(Ok(c)) => return Ok(c),
-                Ok(Err(e)) => last_err = e,
+                Ok(Err(e)) => last = Some(e),
                 Err(_) => {
-                    last_err =
-                        anyhow!("connecting to PostgreSQL timed out after {CONNECT_TIMEOUT:?}")
+                    last = Some(ConnectError::Timeout {
+                        target: target.to_string(),
+                        after: pg.connect_timeout,
+                    })
                 }
             }
         }
-        Err(last_err)
+        Err(last.unwrap_or_else(|| ConnectError::Other {
+            target: pg.to_string(),
+            text: "no host to connect to".into(),
+        }))
     }
 
+    /// The start-up message and authentication, until the server is ready for queries.
     async fn startup(
         &mut self,
-        cfg: &tokio_postgres::Config,
+        pg: &Settings,
+        target: &Target,
         application_name: &str,
-    ) -> Result<()> {
-        let user = cfg.get_user().unwrap_or("postgres");
-        let params = [
+    ) -> std::result::Result<(), ConnectError> {
+        let other = |text: String| ConnectError::Other {
+            target: target.to_string(),
+            text,
+        };
+        let user = pg.user.as_str();
+        let mut params = vec![
             ("user", user),
-            ("database", "replication"),
+            ("database", REPLICATION_DB),
             ("replication", "true"),
             ("application_name", application_name),
         ];
-        frontend::startup_message(params.iter().copied(), &mut self.wbuf)?;
-        self.flush().await?;
+        if let Some(o) = &pg.options {
+            params.push(("options", o.as_str()));
+        }
+        frontend::startup_message(params.iter().copied(), &mut self.wbuf)
+            .map_err(|e| other(format!("build the start-up message: {e}")))?;
+        self.flush().await.map_err(|e| other(format!("{e:#}")))?;
+        let password = || {
+            pg.password(target, REPLICATION_DB).ok_or_else(|| {
+                ConnectError::from(SetupError::NoPassword {
+                    target: target.to_string(),
+                    user: user.to_owned(),
+                    sources: pg.password_sources(),
+                })
+            })
+        };
         let mut scram: Option<ScramSha256> = None;
         loop {
-            let (tag, body) = self.read_message().await?;
+            let (tag, body) = self
+                .read_message()
+                .await
+                .map_err(|e| other(format!("{e:#}")))?;
             match tag {
                 b'R' => {
                     let mut b = &body[..];
                     if b.len() < 4 {
-                        bail!("malformed authentication request from PostgreSQL");
+                        return Err(other("malformed authentication request".into()));
                     }
-                    let kind = b.get_i32();
-                    let password = || {
-                        cfg.get_password().ok_or_else(|| {
-                            anyhow!(
-                                "PostgreSQL asks for a password and the connection string has none"
-                            )
-                        })
-                    };
-                    match kind {
+                    match b.get_i32() {
                         0 => {}
                         3 => {
-                            frontend::password_message(password()?, &mut self.wbuf)?;
-                            self.flush().await?;
+                            let pw = password()?;
+                            frontend::password_message(pw.as_bytes(), &mut self.wbuf)
+                                .map_err(|e| other(e.to_string()))?;
                         }
                         5 => {
                             if b.len() < 4 {
-                                bail!("malformed md5 request from PostgreSQL");
+                                return Err(other("malformed md5 request".into()));
                             }
                             let salt = [b[0], b[1], b[2], b[3]];
-                            let hash = postgres_protocol::authentication::md5_hash(user.as_bytes(), password()?, salt);
-                            frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
-                            self.flush().await?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                user.as_bytes(),
+                                password()?.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(hash.as_bytes(), &mut self.wbuf)
+                                .map_err(|e| other(e.to_string()))?;
                         }
                         10 => {
-                            let offered = b.split(|&c| c == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
+                            let offered =
+                                b.split(|&c| c == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
                             if !offered {
-                                bail!("PostgreSQL offers no SASL mechanism walship supports (SCRAM-SHA-256)");
+                                return Err(other("the server offers no SASL mechanism walship supports (SCRAM-SHA-256)".into()));
                             }
-                            let s = ScramSha256::new(password()?, ChannelBinding::unsupported());
-                            frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
-                            self.flush().await?;
+                            let s = ScramSha256::new(
+                                password()?.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)
+                                .map_err(|e| other(e.to_string()))?;
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or_else(|| anyhow!("unexpected SASL continue"))?;
-                            s.update(b).context("SCRAM authentication")?;
-                            frontend::sasl_response(s.message(), &mut self.wbuf)?;
-                            self.flush().await?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| other("unexpected SASL continue".into()))?;
+                            s.update(b)
+                                .map_err(|e| other(format!("SCRAM authentication: {e}")))?;
+                            frontend::sasl_response(s.message(), &mut self.wbuf)
+                                .map_err(|e| other(e.to_string()))?;
                         }
                         12 => {
-                            let s = scram.as_mut().ok_or_else(|| anyhow!("unexpected SASL final"))?;
-                            s.finish(b).context("SCRAM authentication")?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or_else(|| other("unexpected SASL final".into()))?;
+                            s.finish(b)
+                                .map_err(|e| other(format!("SCRAM authentication: {e}")))?;
                         }
-                        other => bail!("PostgreSQL asks for authentication method {other}, which walship does not support"),
+                        kind => {
+                            return Err(other(format!(
+                                "the server asks for authentication method {kind}, which walship does not support"
+                            )))
+                        }
+                    }
+                    if !self.wbuf.is_empty() {
+                        self.flush().await.map_err(|e| other(format!("{e:#}")))?;
                     }
                 }
                 b'S' => {
@@ -218,11 +213,18 @@ impl ReplConn {
                 }
                 b'K' | b'N' => {}
                 b'Z' => return Ok(()),
-                b'E' => return Err(parse_error(&body).into()),
-                t => bail!(
-                    "unexpected message {:?} during PostgreSQL start-up",
-                    t as char
-                ),
+                b'E' => {
+                    return Err(ConnectError::Server {
+                        target: target.to_string(),
+                        error: parse_error(&body),
+                    })
+                }
+                t => {
+                    return Err(other(format!(
+                        "unexpected message {:?} during start-up",
+                        t as char
+                    )))
+                }
             }
         }
     }

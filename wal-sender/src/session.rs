@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+use walship_common::conninfo::Settings;
 use walship_common::frame::{Frame, FrameEncoder, FrameError, FrameReader};
+use walship_common::pgclient;
 use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL_VERSION};
 use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, WalSegSize};
@@ -34,7 +36,8 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Settings shared by every session.
 #[derive(Clone)]
 pub struct SessionConfig {
-    pub pg: tokio_postgres::Config,
+    /// How to connect to PostgreSQL (passwords are looked up at each connection).
+    pub pg: Settings,
     /// zstd level for WAL: small messages, where a higher level pays.
     pub zstd_level: i32,
     /// zstd level for snapshot files: bulk data, where speed pays.
@@ -169,11 +172,12 @@ pub async fn run(sock: TcpStream, peer: SocketAddr, cfg: SessionConfig, sec: Sec
     match result {
         Ok(()) => info!(receiver = %name, %peer, "receiver disconnected"),
         Err(e) => {
-            let (code, text) = match e.downcast_ref::<Refusal>() {
-                Some(r) => (r.code, r.message.clone()),
-                None => (ErrorCode::Other, format!("{e:#}")),
-            };
-            warn!(receiver = %name, %peer, "session ended: {text}");
+            let (code, text) = classify(&e);
+            if code == ErrorCode::Setup {
+                error!(receiver = %name, %peer, "session ended: {text}");
+            } else {
+                warn!(receiver = %name, %peer, "session ended: {text}");
+            }
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),
                 out.send(&Message::Error {
@@ -185,6 +189,25 @@ pub async fn run(sock: TcpStream, peer: SocketAddr, cfg: SessionConfig, sec: Sec
         }
     }
     let _ = out.wr.shutdown().await;
+}
+
+/// What the receiver is told when a session fails: a refusal as it was made; a problem
+/// with the primary's configuration that retrying cannot fix (a password, a grant, a
+/// setting, an unreadable data directory) as `Setup`, with what to do; anything else as
+/// `Other`, which the receiver retries.
+pub fn classify(e: &anyhow::Error) -> (ErrorCode, String) {
+    if let Some(r) = e.downcast_ref::<Refusal>() {
+        return (r.code, r.message.clone());
+    }
+    let text = format!("{e:#}");
+    if e.chain().any(|c| c.is::<snapshot::DataDirUnreadable>()) {
+        return (ErrorCode::Setup, text);
+    }
+    match pgclient::setup_problem(e.as_ref()) {
+        Some("") => (ErrorCode::Setup, text),
+        Some(fix) => (ErrorCode::Setup, format!("{text}. To fix: {fix}")),
+        None => (ErrorCode::Other, text),
+    }
 }
 
 /// The TLS handshake, when TLS is on. `Ok(Err(..))` is a plaintext client at a TLS sender:
@@ -304,7 +327,7 @@ async fn session(
 
     let mut pg = ReplConn::connect(&cfg.pg, &name)
         .await
-        .context("connect to PostgreSQL for replication")?;
+        .context("open a replication connection")?;
     let sys = pg.identify_system().await?;
     let seg_setting = pg.show("wal_segment_size").await?;
     let seg_size = WalSegSize::parse_setting(&seg_setting).ok_or_else(|| {
@@ -429,6 +452,18 @@ async fn create_slot(pg: &mut ReplConn, slot: &str) -> Result<()> {
                 c.downcast_ref::<PgError>()
                     .is_some_and(|p| p.code == "42710")
             }) => {}
+        // CREATE_REPLICATION_SLOT says 55000 when the server cannot have slots at all.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<PgError>()
+                    .is_some_and(|p| p.code == "55000")
+            }) =>
+        {
+            return Err(refuse(ErrorCode::Setup, format!(
+                "{:#}. To fix: set wal_level = replica (or logical) and max_replication_slots above 0 on the primary, then restart it",
+                e.context(format!("create replication slot {slot}"))
+            )));
+        }
         Err(e) => return Err(e.context(format!("create replication slot {slot}"))),
     }
     Ok(())
@@ -436,7 +471,12 @@ async fn create_slot(pg: &mut ReplConn, slot: &str) -> Result<()> {
 
 fn classify_pg_error(e: anyhow::Error, slot: &str, start_lsn: Lsn) -> anyhow::Error {
     let text = format!("{e:#}");
-    if text.contains("has already been removed") || text.contains("invalidated") {
+    // PostgreSQL 18 refuses START_REPLICATION on an invalidated slot ("can no longer access
+    // replication slot", the reason in its DETAIL); 15 to 17 accept it and fail later.
+    if text.contains("has already been removed")
+        || text.contains("invalidated")
+        || text.contains("can no longer access replication slot")
+    {
         return refuse(ErrorCode::WalGone, format!(
             "the primary no longer has the WAL from {start_lsn} (slot {slot}): {text}. Bootstrap this receiver again"
         ));
@@ -811,12 +851,9 @@ async fn bootstrap(
             other => bail!("expected Have or StartBackup, got {:?}", other.kind()),
         }
     }
-    let (sql, connection) = cfg
-        .pg
-        .connect(tokio_postgres::NoTls)
+    let (sql, connection) = snapshot::sql_session(&cfg.pg, name)
         .await
         .context("open an SQL session on the primary")?;
-    let connection = tokio::spawn(connection);
     let result = copy(&mut pg, &sql, out, &have, cfg, name, slot).await;
     drop(sql);
     connection.abort();
@@ -949,4 +986,63 @@ async fn copy(
     info!(receiver = %name, %start_lsn, %stop_lsn, files = file_count, sent_bytes = sent, skipped_bytes = skipped,
           wire_bytes = out.wire_bytes, "backup sent");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pg(code: &str) -> PgError {
+        PgError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn failures_are_classified_for_the_receiver() {
+        // A missing grant, under the contexts the session adds: Setup, with the fix.
+        let e = anyhow::Error::new(pg("42501")).context("pg_backup_start");
+        let (code, text) = classify(&e);
+        assert_eq!(code, ErrorCode::Setup);
+        assert!(
+            text.contains("pg_backup_start") && text.contains("To fix: grant"),
+            "{text}"
+        );
+        // A refusal keeps its code and message.
+        let e = refuse(ErrorCode::WalGone, "gone").context("stream");
+        assert_eq!(classify(&e), (ErrorCode::WalGone, "gone".into()));
+        // A data directory that cannot be read.
+        let e = anyhow::Error::new(snapshot::DataDirUnreadable("/pgdata".into()));
+        assert_eq!(classify(&e).0, ErrorCode::Setup);
+        // A server shutting down, a cut connection: retried.
+        let e = anyhow::Error::new(pg("57P01")).context("receive WAL from PostgreSQL");
+        assert_eq!(classify(&e).0, ErrorCode::Other);
+        let e = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(classify(&e).0, ErrorCode::Other);
+    }
+
+    #[test]
+    fn a_lost_slot_is_wal_gone_in_every_version() {
+        let lost = |message: &str| {
+            let e = anyhow::Error::new(PgError {
+                message: message.into(),
+                ..pg("55000")
+            })
+            .context("start replication");
+            classify(&classify_pg_error(e, "walship_r", Lsn(0x100_0000))).0
+        };
+        // 18's refusal of START_REPLICATION, and the end of a stream in 15 to 17.
+        assert_eq!(
+            lost("can no longer access replication slot \"walship_r\""),
+            ErrorCode::WalGone
+        );
+        assert_eq!(
+            lost("requested WAL segment 000000010000000000000001 has already been removed"),
+            ErrorCode::WalGone
+        );
+        // Other errors of that SQLSTATE (wal_level, no slots) are not a lost slot.
+        assert_ne!(lost("something else"), ErrorCode::WalGone);
+    }
 }

@@ -16,8 +16,10 @@ use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
+use walship_common::conninfo::Settings;
+use walship_common::pgclient;
 use walship_common::protocol::{chunk_sum, CHUNK_LEN};
 
 /// Directories whose contents are not copied (the directory itself is).
@@ -73,7 +75,8 @@ impl Entry {
 pub fn walk(pgdata: &Path, tablespaces: &[(u32, PathBuf)]) -> Result<Vec<Entry>> {
     let mut out = Vec::new();
     walk_dir(pgdata, "", true, &mut out).with_context(|| format!("walk {}", pgdata.display()))?;
-    // pg_wal/archive_status is kept empty, as pg_basebackup does.
+    // pg_wal/archive_status is kept empty, as pg_basebackup does; so is pg_wal/summaries
+    // (WAL summaries, PostgreSQL 17 and later), where the primary has it.
     if out
         .iter()
         .any(|e| matches!(e, Entry::Dir { rel, .. } if rel == "pg_wal"))
@@ -82,6 +85,12 @@ pub fn walk(pgdata: &Path, tablespaces: &[(u32, PathBuf)]) -> Result<Vec<Entry>>
             rel: "pg_wal/archive_status".into(),
             mode: 0o700,
         });
+        if pgdata.join("pg_wal/summaries").is_dir() {
+            out.push(Entry::Dir {
+                rel: "pg_wal/summaries".into(),
+                mode: 0o700,
+            });
+        }
     }
     for (oid, location) in tablespaces {
         let prefix = format!("pg_tblspc/{oid}");
@@ -290,6 +299,26 @@ impl Have {
     }
 }
 
+/// The database of the snapshot's SQL session when the connection string names none: one
+/// that exists in every cluster, as pg_basebackup's connections need none.
+pub const DEFAULT_DBNAME: &str = "postgres";
+
+/// Opens the SQL session that starts and stops a backup, on the connection string's
+/// `dbname` (or `PGDATABASE`), else [`DEFAULT_DBNAME`].
+pub async fn sql_session(pg: &Settings, receiver: &str) -> Result<pgclient::SqlSession> {
+    Ok(pgclient::connect_sql(
+        pg,
+        DEFAULT_DBNAME,
+        Some(&format!("walship_{receiver}_snapshot")),
+    )
+    .await?)
+}
+
+/// The data directory cannot be read here: a setting retrying cannot fix.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {}/{PG_CONTROL}: run wal-sender on the primary's host as a user that can read its data directory, or pass --pgdata", .0.display())]
+pub struct DataDirUnreadable(pub PathBuf);
+
 /// Resolves the data directory: `--pgdata`, or the server's `data_directory`.
 pub async fn data_directory(
     sql: &tokio_postgres::Client,
@@ -306,10 +335,7 @@ pub async fn data_directory(
         }
     };
     if !dir.join(PG_CONTROL).exists() {
-        return Err(anyhow!(
-            "cannot read {}/{PG_CONTROL}: run wal-sender on the primary's host as a user that can read its data directory, or pass --pgdata",
-            dir.display()
-        ));
+        return Err(DataDirUnreadable(dir).into());
     }
     Ok(dir)
 }
@@ -366,6 +392,7 @@ mod tests {
             "global",
             "base/5",
             "pg_wal/archive_status",
+            "pg_wal/summaries",
             "pg_stat_tmp",
             "pg_tblspc",
             "base/5/pgsql_tmp",
@@ -379,6 +406,7 @@ mod tests {
             "postmaster.pid",
             "backup_label",
             "pg_wal/000000010000000000000001",
+            "pg_wal/summaries/0000000100000000010000280000000001000100.summary",
             "pg_stat_tmp/x.stat",
             "base/5/1259",
             "base/5/pg_internal.init",
@@ -406,6 +434,7 @@ mod tests {
             "base/5/700_init",
             "pg_wal/",
             "pg_wal/archive_status/",
+            "pg_wal/summaries/",
             "pg_stat_tmp/",
         ] {
             assert!(
@@ -417,6 +446,7 @@ mod tests {
             "postmaster.pid",
             "backup_label",
             "pg_wal/000000010000000000000001",
+            "pg_wal/summaries/0000000100000000010000280000000001000100.summary",
             "pg_stat_tmp/x.stat",
             "base/5/pg_internal.init",
             "base/5/t3_99",
