@@ -9,6 +9,9 @@ set -euo pipefail
 # What it creates (data directory, WAL store, logs, pid file) is private to its owner, as
 # PostgreSQL's data directory is.
 umask 077
+# Creates DIR private, and its missing parents as mkdir -p does under a usual umask (0755):
+# the postgres user must be able to pass through a parent that root creates here.
+make_dir() { (umask 022 && mkdir -p "$(dirname "$1")") && mkdir -p "$1"; }
 
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$SCRIPT_DIR")
@@ -197,7 +200,7 @@ fi
 # copy it next to the WAL store, where it stays.
 if $IS_ROOT && ! runuser -u postgres -- test -x "$BIN/wal-receiver"; then
     say "the postgres user cannot run $BIN/wal-receiver; copying it to $WAL_DIR.bin"
-    mkdir -p "$WAL_DIR.bin"
+    make_dir "$WAL_DIR.bin"
     cp "$BIN/wal-receiver" "$WAL_DIR.bin/wal-receiver"
     chmod 755 "$WAL_DIR.bin" "$WAL_DIR.bin/wal-receiver"
     BIN="$WAL_DIR.bin"
@@ -220,7 +223,7 @@ prepare_dir() {  # DIR MODE
         fi
     elif ! pg_can -w "$(nearest_existing "$dir")"; then
         if $IS_ROOT; then
-            mkdir -p "$dir"; chown postgres: "$dir"; chmod "$mode" "$dir"
+            make_dir "$dir"; chown postgres: "$dir"; chmod "$mode" "$dir"
         fi
     fi
     local probe=$dir
@@ -233,7 +236,7 @@ for m in "${MAPPINGS[@]+"${MAPPINGS[@]}"}"; do
     [[ $m == *\\* ]] || prepare_dir "${m#*=}" 700  # (skip paths with escaped '=')
 done
 if [ -n "$SOCKET_DIR" ]; then
-    [ -d "$SOCKET_DIR" ] || { mkdir -p "$SOCKET_DIR"; ! $IS_ROOT || chown postgres: "$SOCKET_DIR"; }
+    [ -d "$SOCKET_DIR" ] || { make_dir "$SOCKET_DIR"; ! $IS_ROOT || chown postgres: "$SOCKET_DIR"; }
     pg_can -w "$SOCKET_DIR" || die "the standby cannot create its socket in --socket-dir $SOCKET_DIR"
 fi
 if $IS_ROOT; then
@@ -270,8 +273,9 @@ if [ "$rc" != 0 ]; then
         8) hint="$PGDATA_DIR or a tablespace directory is not empty (use --tablespace-mapping for tablespaces)" ;;
         9) hint="TLS or identity refused (see the message above: certificate, CA, host name or receiver name)" ;;
         10) hint="the sender sent an unsafe file name; nothing was written outside the target" ;;
+        12) hint="the sender cannot use the primary as configured (the message above names the fix: password, pg_hba.conf, role, grants, wal_level, wal senders or slots)" ;;
         13) hint="the WAL store $WAL_DIR is open to other users or belongs to another OS user (the message above names the fix)" ;;
-        2) hint="bad command line" ;;
+        2) hint="bad command line, or an argument that cannot be used as given (see the message above)" ;;
         *) hint="see the messages above" ;;
     esac
     if [ -e "$PGDATA_DIR/$MARKER" ]; then

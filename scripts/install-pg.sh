@@ -128,7 +128,8 @@ done
 
 # As root, the servers run as the postgres OS user: it must reach and read the builds.
 chmod -R a+rX "$CACHE"
-if [ "$(id -u)" = 0 ]; then
-    d=$CACHE
-    while [ "$d" != / ]; do chmod a+x "$d"; d=$(dirname "$d"); done
+# The directories above it are not changed: refuse a cache postgres cannot reach.
+if [ "$(id -u)" = 0 ] && id postgres >/dev/null 2>&1 \
+    && ! runuser -u postgres -- test -x "$CACHE/$major/bin/postgres"; then
+    die "the postgres user cannot reach $CACHE (a directory above it is closed to others): choose another WALSHIP_PG_CACHE"
 fi

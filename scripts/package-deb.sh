@@ -98,7 +98,7 @@ Architecture: $ARCH
 Maintainer: $MAINTAINER
 Installed-Size: $INSTALLED_KB
 Depends: $DEPENDS
-Suggests: postgresql-15, jq
+Suggests: postgresql (>= 15) | postgresql-15, jq
 Section: database
 Priority: optional
 Description: PostgreSQL WAL shipping to standby and backup hosts

@@ -26,7 +26,8 @@ if [ ! -x "$PG_BIN/initdb" ] || [ ! -x "$PG_BIN/pg_waldump" ] || [ ! -x "$PG_BIN
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15 >/dev/null
 fi
 say "PostgreSQL ${MAJORS[*]} (scripts/install-pg.sh)"
-eval "$(bash scripts/install-pg.sh "${MAJORS[@]}")"
+PG_BINS=$(bash scripts/install-pg.sh "${MAJORS[@]}")  # fails the run here if the install fails
+eval "$PG_BINS"
 if ! command -v jq >/dev/null 2>&1; then
     # scripts/failover.sh reads 'wal-receiver status --json' with jq.
     say "installing jq"
@@ -70,8 +71,10 @@ other_major() {
 say "tests, on PostgreSQL $(pg_version 15)"
 PROPTEST_CASES="${PROPTEST_CASES:-256}" RUST_BACKTRACE=0 WALSHIP_PG_OTHER_BIN="$(pg_bin "$(other_major 15)")" \
     cargo test --release --workspace -- --test-threads="${WALSHIP_TEST_THREADS:-2}" --show-output
+# --workspace, though only walship-tests has this test: the same features as the build above,
+# so nothing is compiled again.
 for major in "${MAJORS[@]}"; do
     say "tests/tests/versions.rs, on PostgreSQL $(pg_version "$major")"
     RUST_BACKTRACE=0 WALSHIP_PG_BIN="$(pg_bin "$major")" WALSHIP_PG_OTHER_BIN="$(pg_bin "$(other_major "$major")")" \
-        cargo test --release -p walship-tests --test versions -- --test-threads="${WALSHIP_TEST_THREADS:-2}" --show-output
+        cargo test --release --workspace --test versions -- --test-threads="${WALSHIP_TEST_THREADS:-2}" --show-output
 done

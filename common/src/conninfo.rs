@@ -253,7 +253,7 @@ fn check_keyword(keyword: &str, value: &str) -> Result<(), ConnInfoError> {
         return Err(ConnInfoError::BadValue {
             keyword: keyword.to_owned(),
             why: format!(
-                "walship supports only {} (\"{value}\" given)",
+                "walship supports only {} (the value is not shown: it could be a password run into it)",
                 allowed.join(" or ")
             ),
         });
@@ -293,7 +293,8 @@ impl SslMode {
                 return Err(ConnInfoError::BadValue {
                     keyword: "sslmode".into(),
                     why: format!(
-                        "\"{other}\" is not one of disable, prefer, require, verify-ca, verify-full"
+                        "not one of disable, prefer, require, verify-ca, verify-full ({} characters given)",
+                        other.chars().count()
                     ),
                 })
             }
@@ -442,9 +443,15 @@ impl Settings {
                     if a.is_empty() {
                         Ok(None)
                     } else {
-                        a.parse::<IpAddr>()
-                            .map(Some)
-                            .map_err(|_| bad("hostaddr", format!("\"{a}\" is not an IP address")))
+                        a.parse::<IpAddr>().map(Some).map_err(|_| {
+                            bad(
+                                "hostaddr",
+                                format!(
+                                    "not an IP address ({} characters given)",
+                                    a.chars().count()
+                                ),
+                            )
+                        })
                     }
                 })
                 .collect::<Result<_, _>>()?,
@@ -464,10 +471,12 @@ impl Settings {
                     if p.is_empty() {
                         return Ok(DEFAULT_PORT);
                     }
-                    p.parse::<u16>()
-                        .ok()
-                        .filter(|&p| p > 0)
-                        .ok_or_else(|| bad("port", format!("\"{p}\" is not a port number")))
+                    p.parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| {
+                        bad(
+                            "port",
+                            format!("not a port number ({} characters given)", p.chars().count()),
+                        )
+                    })
                 })
                 .collect::<Result<_, _>>()?,
         };
@@ -509,7 +518,10 @@ impl Settings {
                 Err(_) => {
                     return Err(bad(
                         "connect_timeout",
-                        format!("\"{t}\" is not a number of seconds"),
+                        format!(
+                            "not a number of seconds ({} characters given)",
+                            t.chars().count()
+                        ),
                     ))
                 }
             },
@@ -918,6 +930,24 @@ mod tests {
             if let Err(e) = ConnInfo::parse(&format!("password=Zq9{s}")) {
                 proptest::prop_assert!(!e.to_string().contains("Zq9"));
             }
+        }
+
+        /// A password run into the value of another keyword (a missing space, say) is not
+        /// shown by the error about that value.
+        #[test]
+        fn a_bad_value_is_never_shown(
+            keyword in proptest::sample::select(vec![
+                "port", "hostaddr", "sslmode", "connect_timeout", "gssencmode",
+                "channel_binding", "target_session_attrs",
+            ]),
+            tail in "[a-z0-9=]{0,12}",
+        ) {
+            let text = format!("host=h {keyword}=1password=Qv7Zk{tail}");
+            let shown = match settings(&text, &[]) {
+                Ok(_) => String::new(),
+                Err(e) => e.to_string(),
+            };
+            proptest::prop_assert!(!shown.contains("Qv7Zk"), "{shown}");
         }
 
         #[test]

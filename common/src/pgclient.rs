@@ -112,12 +112,15 @@ pub async fn open(settings: &Settings, target: &Target) -> Result<PgStream, Conn
         }
         Host::Tcp(h) => h,
     };
-    let mut sock = match target.hostaddr {
-        Some(a) => TcpStream::connect((a, target.port)).await,
-        None => TcpStream::connect((host.as_str(), target.port)).await,
-    }
-    .map_err(io)?;
-    sock.set_nodelay(true).map_err(io)?;
+    let tcp = || async {
+        let sock = match target.hostaddr {
+            Some(a) => TcpStream::connect((a, target.port)).await,
+            None => TcpStream::connect((host.as_str(), target.port)).await,
+        }?;
+        sock.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(sock)
+    };
+    let mut sock = tcp().await.map_err(io)?;
     if settings.sslmode == SslMode::Disable {
         return Ok(Box::new(sock));
     }
@@ -151,6 +154,16 @@ pub async fn open(settings: &Settings, target: &Target) -> Result<PgStream, Conn
         .await
     {
         Ok(s) => Ok(Box::new(s)),
+        // As libpq: with prefer, a connection whose TLS handshake fails is made again
+        // without TLS (the server's pg_hba.conf then decides whether that is allowed).
+        Err(e) if settings.sslmode == SslMode::Prefer => {
+            let why = tls_failure(e, settings, target, host);
+            tracing::warn!(
+                target = %target,
+                "TLS with PostgreSQL failed ({why}); sslmode=prefer: connecting without TLS"
+            );
+            Ok(Box::new(tcp().await.map_err(io)?))
+        }
         Err(e) => Err(tls_failure(e, settings, target, host)),
     }
 }

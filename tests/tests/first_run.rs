@@ -553,6 +553,42 @@ fn sslmode_verify_full_against_a_server_that_requires_tls() -> Result<()> {
     wait_listening(&mut sender, &addr)?;
     sender.term();
 
+    // prefer, with a root certificate that cannot verify the server: as libpq, the
+    // connection is made again without TLS, which pg_hba.conf allows here.
+    pg.set_hba(
+        "local all postgres trust\n\
+         hostssl replication walship 127.0.0.1/32 scram-sha-256\n\
+         hostssl postgres walship 127.0.0.1/32 scram-sha-256\n\
+         hostnossl replication walship 127.0.0.1/32 scram-sha-256\n\
+         hostnossl postgres walship 127.0.0.1/32 scram-sha-256\n",
+    )?;
+    let prefer = format!(
+        "host=localhost hostaddr=127.0.0.1 port={port} user=walship sslmode=prefer sslrootcert={}",
+        other.cert_path.display()
+    );
+    let (mut sender, addr) = start_sender(&dir, "sender-prefer", &prefer, &empty, &env)?;
+    wait_listening(&mut sender, &addr)?;
+    let log = sender.log_text();
+    assert!(
+        log.contains("sslmode=prefer: connecting without TLS"),
+        "{log}"
+    );
+    assert!(log.contains("snapshots can be served"), "{log}");
+    sender.term();
+    // With require, the same root certificate is a failure, not a fallback.
+    let (code, log, _) = sender_refuses(
+        &dir,
+        "sender-require-bad-root",
+        &format!(
+            "host=127.0.0.1 port={port} user=walship sslmode=require sslrootcert={}",
+            other.cert_path.display()
+        ),
+        &empty,
+        &env,
+    )?;
+    assert_eq!(code, Some(EXIT_SETUP), "{log}");
+    assert!(!log.contains("connecting without TLS"), "{log}");
+
     // Client certificates: the server asks for one signed by its CA, naming the role.
     let ca_copy = pg.data.join("client-ca.crt");
     fs::copy(&ca.cert_path, &ca_copy)?;

@@ -633,7 +633,7 @@ impl Target {
         if let Some(xid) = &self.xid {
             // A transaction ID as PostgreSQL reads recovery_target_xid: a number (32-bit, or
             // 64-bit with its epoch). Anything else would make the server refuse to start.
-            if xid.is_empty() || xid.len() > 20 || !xid.bytes().all(|b| b.is_ascii_digit()) {
+            if !xid.bytes().all(|b| b.is_ascii_digit()) || xid.parse::<u64>().is_err() {
                 return Err(Fatal {
                     code: exit::USAGE,
                     message: format!(
@@ -1493,7 +1493,15 @@ mod tests {
             name: Some(n.into()),
             ..Target::default()
         };
-        for bad in ["", "12\n", "12 34", "-5", "0x10", "123456789012345678901"] {
+        for bad in [
+            "",
+            "12\n",
+            "12 34",
+            "-5",
+            "+5",
+            "0x10",
+            "18446744073709551616",
+        ] {
             assert_eq!(usage(xid(bad)), Some(exit::USAGE), "{bad:?}");
         }
         assert!(xid("1234").check().is_ok());
