@@ -193,6 +193,7 @@ pub(crate) async fn snapshot_with_wal(
                 until: Some(snap.stop_lsn),
                 tls: cfg.tls.clone(),
                 serve: None,
+                retention: None,
             })
             .await?;
             break;

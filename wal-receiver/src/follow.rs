@@ -25,6 +25,7 @@ use walship_common::timeline::History;
 use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, TimelineId, WalSegSize};
 
+use crate::retention::{Retention, StandbyReplay};
 use crate::serve::{self, Feed, Feedback, ServeAddr, StoreView};
 use crate::store::{Store, StoreError, StoreState};
 use crate::{exit, Fatal};
@@ -54,6 +55,8 @@ pub struct FollowConfig {
     pub tls: Option<TlsClient>,
     /// Serve a standby over PostgreSQL's streaming replication protocol at this address.
     pub serve: Option<ServeAddr>,
+    /// What the store keeps (see [`crate::retention`]); `None` keeps everything.
+    pub retention: Option<Retention>,
 }
 
 /// How the receiver connects with TLS.
@@ -112,6 +115,15 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
         .await?
         .map_err(store_fatal)?;
     info!(wal_dir = %cfg.wal_dir.display(), flush_lsn = %store.flush_lsn(), "WAL store opened");
+    if let Some(r) = &cfg.retention {
+        if let Some(replay) = &r.standby {
+            // What a standby reported before this run still needs its WAL.
+            *replay.lock().unwrap_or_else(|p| p.into_inner()) =
+                crate::retention::recorded_standby_replay(&cfg.wal_dir);
+        }
+        info!(keep_wal = %r.setting, "WAL retention");
+        store.set_retention(r.clone()).map_err(store_fatal)?;
+    }
     let mut feed = match &cfg.serve {
         Some(addr) => Some(serve::start(addr, &cfg.wal_dir).await.map_err(|e| Fatal {
             code: exit::USAGE,
@@ -656,6 +668,7 @@ async fn session(
         cfg.until,
         feed,
         &cfg.wal_dir,
+        cfg.retention.as_ref().and_then(|r| r.standby.as_ref()),
     )
     .await
 }
@@ -781,6 +794,7 @@ async fn stream(
     until: Option<Lsn>,
     mut feed: Option<&mut Feed>,
     wal_dir: &std::path::Path,
+    standby_replay: Option<&StandbyReplay>,
 ) -> Result<Outcome> {
     let mut last_log = Instant::now();
     let mut last_msg = tokio::time::Instant::now();
@@ -802,6 +816,10 @@ async fn stream(
             r = tokio::time::timeout_at(last_msg + IDLE_TIMEOUT, frames.read_frame()) => message_of(r
                 .map_err(|_| anyhow!("no message from the sender for {IDLE_TIMEOUT:?}; assuming the connection is dead"))?),
             fb = next_feedback(&mut feed) => {
+                // Retention keeps the segment of the last replay position reported.
+                if let Some(r) = standby_replay.filter(|_| fb.apply_lsn != Lsn::default()) {
+                    *r.lock().unwrap_or_else(|p| p.into_inner()) = Some(fb.apply_lsn);
+                }
                 let m = feedback_message(&fb);
                 if sent.as_ref() != Some(&m) {
                     link.send(&m).await?;

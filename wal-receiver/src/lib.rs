@@ -22,6 +22,7 @@ pub mod follow;
 pub mod paths;
 pub mod pgconf;
 pub mod restore;
+pub mod retention;
 pub mod sealed;
 pub mod serve;
 pub mod status;

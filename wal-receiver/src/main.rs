@@ -62,6 +62,14 @@ enum Command {
         /// The port in the socket's name when --serve-standby is a directory.
         #[arg(long, value_name = "PORT", default_value_t = 5432)]
         serve_standby_port: u16,
+        /// Remove the oldest sealed segments beyond this total size of sealed files on disk
+        /// (64MB, 2GiB) or older than this (7d, 12h); `all` keeps everything. Never removes
+        /// what the served standby has not replayed. Default with --serve-standby: the
+        /// smaller of 10% of the store's file system and 16 GiB; without it, all (a
+        /// restore_command standby reports no position). Refused in a backup repository
+        /// (prune decides).
+        #[arg(long, value_name = "SIZE|DURATION|all")]
+        keep_wal: Option<wal_receiver::retention::KeepWal>,
     },
     /// Make a new standby from a live primary: restore a consistent snapshot into --pgdata,
     /// store WAL through the snapshot's stop position in --wal-dir, and write the recovery
@@ -375,7 +383,14 @@ fn main() -> ExitCode {
             tls,
             serve_standby,
             serve_standby_port,
+            keep_wal,
         } => tls.load().map_err(anyhow::Error::from).and_then(|tls| {
+            let retention =
+                wal_receiver::retention::resolve(&wal_dir, keep_wal, serve_standby.is_some())
+                    .map_err(|message| Fatal {
+                        code: exit::USAGE,
+                        message,
+                    })?;
             let serve = serve_standby
                 .map(|s| ServeAddr::parse(&s, serve_standby_port))
                 .transpose()
@@ -391,6 +406,7 @@ fn main() -> ExitCode {
                 until: None,
                 tls,
                 serve,
+                retention,
             };
             follow_runtime()?.block_on(wal_receiver::follow::follow(cfg))
         }),

@@ -36,6 +36,9 @@ pub struct Status {
     pub history_timelines: Vec<u32>,
     /// The standby server itself, asked with `status --standby CONNINFO`.
     pub standby_server: Option<StandbyServer>,
+    /// What `follow --keep-wal` keeps and why, as its last retention pass recorded it;
+    /// absent if no follower has applied a retention limit to this store.
+    pub retention: Option<crate::retention::RetentionStatus>,
 }
 
 /// What the standby server says about itself (`status --standby`).
@@ -190,6 +193,7 @@ pub fn status(wal_dir: &Path) -> Result<Option<Status>> {
             history_timelines
         },
         standby_server: None,
+        retention: crate::retention::read_status(wal_dir),
     }))
 }
 
@@ -246,6 +250,17 @@ impl std::fmt::Display for Status {
                 s.replay_lsn,
                 s.flush_lsn,
                 pgtime::unix_to_rfc3339(s.reply_time)
+            )?;
+        }
+        if let Some(r) = &self.retention {
+            writeln!(f, "retention:          {}", r.setting)?;
+            writeln!(
+                f,
+                "oldest kept:        {}: {} ({} bytes sealed, as of {})",
+                r.oldest_kept.as_deref().unwrap_or("(none)"),
+                r.reason,
+                r.sealed_bytes,
+                pgtime::unix_to_rfc3339(r.updated)
             )?;
         }
         if !self.history_timelines.is_empty() {

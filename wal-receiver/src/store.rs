@@ -34,6 +34,7 @@ use nix::fcntl::{Flock, FlockArg};
 use walship_common::durable::{self, DurableError};
 use walship_common::{Lsn, SegmentNo, TimelineId, WalFileName, WalSegSize};
 
+use crate::retention::Retention;
 use crate::{sealed, walcheck};
 
 pub const STATE_FILE: &str = "state";
@@ -405,6 +406,8 @@ impl StoreFile {
 /// Work for the sealer thread.
 enum SealJob {
     Seal(StoreState, SegmentNo),
+    /// Apply the retention limit now (it also runs after each seal once set).
+    Retain(StoreState),
     /// Answered once every job queued before it is done.
     Barrier(mpsc::Sender<()>),
 }
@@ -435,6 +438,8 @@ pub struct Store {
     seal_tx: Option<mpsc::Sender<SealJob>>,
     seal_thread: Option<std::thread::JoinHandle<()>>,
     seal_error: Arc<Mutex<Option<String>>>,
+    /// What the sealer removes after each seal (see [`crate::retention`]); `None` keeps all.
+    retention: Arc<Mutex<Option<Retention>>>,
 }
 
 impl Store {
@@ -476,23 +481,41 @@ impl Store {
         let (seal_tx, seal_rx) = mpsc::channel::<SealJob>();
         let seal_dir = dir.to_owned();
         let seal_err = seal_error.clone();
+        let retention: Arc<Mutex<Option<Retention>>> = Arc::new(Mutex::new(None));
+        let seal_retention = retention.clone();
         let seal_thread = std::thread::Builder::new()
             .name("sealer".into())
             .spawn(move || {
                 lower_sealer_priority();
                 for job in seal_rx {
-                    let (state, segno) = match job {
-                        SealJob::Seal(state, segno) => (state, segno),
+                    let state = match job {
+                        SealJob::Seal(state, segno) => {
+                            if let Err(e) = sealed::seal_segment(&seal_dir, &state, segno) {
+                                tracing::error!("{e:#}");
+                                *seal_err.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some(format!("{e:#}"));
+                                return;
+                            }
+                            state
+                        }
+                        SealJob::Retain(state) => state,
                         SealJob::Barrier(done) => {
                             let _ = done.send(());
                             continue;
                         }
                     };
-                    if let Err(e) = sealed::seal_segment(&seal_dir, &state, segno) {
-                        tracing::error!("{e:#}");
-                        *seal_err.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(format!("{e:#}"));
-                        return;
+                    let policy = seal_retention
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    if let Some(r) = policy {
+                        // A failed fsync of the directory is fatal, as for sealing.
+                        if let Err(e) = r.apply(&seal_dir, state.seg_size) {
+                            tracing::error!("{e:#}");
+                            *seal_err.lock().unwrap_or_else(|p| p.into_inner()) =
+                                Some(format!("{e:#}"));
+                            return;
+                        }
                     }
                 }
             })
@@ -513,6 +536,7 @@ impl Store {
             seal_tx: Some(seal_tx),
             seal_thread: Some(seal_thread),
             seal_error,
+            retention,
         };
         if let Some(state) = store.state.clone() {
             store.open_state_file()?;
@@ -821,6 +845,17 @@ impl Store {
         let state = self.state.clone().expect("initialised");
         let tx = self.seal_tx.as_ref().expect("sealer running");
         tx.send(SealJob::Seal(state, segno))
+            .map_err(|_| self.sealer_stopped())
+    }
+
+    /// Sets what the sealer removes after each seal, and applies it once now.
+    pub fn set_retention(&mut self, retention: Retention) -> Result<(), StoreError> {
+        *self.retention.lock().unwrap_or_else(|p| p.into_inner()) = Some(retention);
+        let Some(state) = self.state.clone() else {
+            return Ok(());
+        };
+        let tx = self.seal_tx.as_ref().expect("sealer running");
+        tx.send(SealJob::Retain(state))
             .map_err(|_| self.sealer_stopped())
     }
 
