@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # Takes a base backup into a walship backup repository and applies retention. Safe to run
-# from cron: one run at a time per repository, one summary line on stdout, and an exit code
-# for monitoring. Run it with --help for the flags.
+# from cron or a systemd timer: one run at a time per repository, one summary line on stdout,
+# and an exit code for monitoring. Run it with --help for the flags.
+#
+# From cron (/etc/cron.d/walship-backup), every night at 01:30 as postgres:
+#   30 1 * * *  postgres  /usr/share/walship/scripts/backup.sh --sender db1:7000 --name archive --repo /var/lib/walship/archive --keep 7
+# From systemd, with the units of the Debian package (packaging/systemd): the same arguments
+# as BACKUP_ARGS=... in /etc/walship/backup-archive.env, then
+#   systemctl enable --now walship-backup@archive.timer
+# runs walship-backup@archive.service nightly; 'systemctl list-timers' shows the next run,
+# 'journalctl -u walship-backup@archive' the summary lines. Exit 75 (another run of this
+# repository still going) counts as success there.
 set -uo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
@@ -17,6 +26,11 @@ the WAL they need). Its full log is appended to DIR/backup.log. It prints one li
   walship-backup OK repo=DIR id=ID start=LSN stop=LSN bytes=N stored=N seconds=S backups=K
   walship-backup FAILED repo=DIR exit=CODE seconds=S error="..."
   walship-backup SKIPPED repo=DIR another backup of this repository is running
+
+Nightly from cron:
+  30 1 * * *  postgres  $SCRIPT_DIR/$(basename "$0") --sender HOST:PORT --name NAME --repo DIR --keep 7
+or from systemd: BACKUP_ARGS=... in /etc/walship/backup-NAME.env, then
+  systemctl enable --now walship-backup@NAME.timer
 
 Keep the archive continuous between backups with
   wal-receiver follow --sender HOST:PORT --name NAME --wal-dir DIR/wal

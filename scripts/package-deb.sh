@@ -18,6 +18,16 @@ Cargo.toml and <arch> what 'dpkg --print-architecture' says. The package holds:
                                                  failover.sh, demo.sh; they find the
                                                  programs in PATH (or \$WALSHIP_BIN_DIR)
   /usr/share/doc/walship/                        README, architecture, benchmarks, copyright
+  /lib/systemd/system/                           walship-sender.service,
+                                                 walship-receiver@.service,
+                                                 walship-backup@.service and .timer
+                                                 (enabled by none: the operator writes
+                                                 /etc/walship first)
+  /usr/share/doc/walship/examples/               configuration files to copy into
+                                                 /etc/walship: sender.toml, standby.toml,
+                                                 archive.toml, backup-archive.env;
+                                                 Prometheus alert rules
+                                                 walship-alerts.yml (and their tests)
 
 Depends is computed by dpkg-shlibdeps from the programs' shared libraries. It needs
 dpkg-dev (dpkg-deb, dpkg-shlibdeps) and binutils (strip), not root.
@@ -60,7 +70,8 @@ PKG=$SCRATCH/debian/walship
 DEB=$OUT/walship_${VERSION}_${ARCH}.deb
 rm -rf "$SCRATCH"
 umask 022
-mkdir -p "$PKG/DEBIAN" "$PKG/usr/bin" "$PKG/usr/share/walship/scripts" "$PKG/usr/share/doc/walship"
+mkdir -p "$PKG/DEBIAN" "$PKG/usr/bin" "$PKG/usr/share/walship/scripts" "$PKG/usr/share/doc/walship" \
+    "$PKG/lib/systemd/system" "$PKG/usr/share/doc/walship/examples"
 
 for b in wal-sender wal-receiver; do
     strip --strip-debug -o "$PKG/usr/bin/$b" "target/release/$b"
@@ -69,6 +80,11 @@ done
 for s in bootstrap-follower.sh backup.sh failover.sh demo.sh; do
     install -m 0755 "scripts/$s" "$PKG/usr/share/walship/scripts/$s"
 done
+# The units are enabled by nothing here: each needs its file in /etc/walship first. The
+# examples are documentation, not conffiles, so that no service starts on placeholders.
+install -m 0644 packaging/systemd/* "$PKG/lib/systemd/system/"
+install -m 0644 packaging/etc/* "$PKG/usr/share/doc/walship/examples/"
+install -m 0644 packaging/prometheus/* "$PKG/usr/share/doc/walship/examples/"
 # Documentation over 4 kB is compressed, as Debian policy asks.
 install -m 0644 README.md "$PKG/usr/share/doc/walship/README.md"
 install -m 0644 docs/architecture.md docs/benchmarks.md "$PKG/usr/share/doc/walship/"
@@ -112,9 +128,11 @@ Description: PostgreSQL WAL shipping to standby and backup hosts
  backup repositories with point-in-time restore.
  .
  The operator scripts (bootstrap-follower.sh, backup.sh, failover.sh and
- demo.sh) are in /usr/share/walship/scripts.
+ demo.sh) are in /usr/share/walship/scripts; systemd units for the sender,
+ the receivers and nightly backups in /lib/systemd/system, with example
+ configurations in /usr/share/doc/walship/examples.
 EOF
-(cd "$PKG" && find usr -type f -print0 | sort -z | xargs -0 md5sum) > "$PKG/DEBIAN/md5sums"
+(cd "$PKG" && find lib usr -type f -print0 | sort -z | xargs -0 md5sum) > "$PKG/DEBIAN/md5sums"
 chmod 0644 "$PKG/DEBIAN/control" "$PKG/DEBIAN/md5sums"
 
 rm -f "$DEB"

@@ -9,6 +9,9 @@
 #   WALSHIP_KEEP_TEST_DIRS keep every test's directory (logs, stores) for inspection
 #   WALSHIP_PG_MAJORS      the majors besides 15 to run tests/tests/versions.rs on: some
 #                          of 16, 17 and 18 (default all three)
+#   WALSHIP_SKIP_PROMETHEUS=1  (for cargo test run by hand on a machine without Debian's
+#                          prometheus package) skip the tests that need prometheus and
+#                          promtool instead of failing; this script installs them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +36,32 @@ if ! command -v jq >/dev/null 2>&1; then
     say "installing jq"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null
+fi
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    # tests/tests/metrics.rs runs a Prometheus server of its own, and promtool. Debian's
+    # package would start and enable its own service: a policy-rc.d that says no (exit 101)
+    # keeps the installation from starting it, and it is disabled where systemd runs.
+    say "installing prometheus (its service is not started)"
+    policy=/usr/sbin/policy-rc.d
+    ours=""
+    if [ ! -e "$policy" ]; then
+        as_root sh -c "printf '#!/bin/sh\\nexit 101\\n' > $policy && chmod 755 $policy"
+        ours=1
+    fi
+    rc=0
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null || rc=$?
+    if [ -n "$ours" ]; then as_root rm -f "$policy"; fi
+    if [ -d /run/systemd/system ]; then
+        as_root systemctl disable prometheus.service >/dev/null 2>&1 || true
+    fi
+    [ "$rc" = 0 ] || exit "$rc"
+fi
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    # tests/tests/service.rs checks the shipped units with 'systemd-analyze verify'.
+    say "installing systemd (systemd-analyze)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
 fi
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     echo "the postgres OS user is missing; PostgreSQL refuses to run as root" >&2

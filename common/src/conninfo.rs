@@ -6,9 +6,11 @@
 //! libpq's environment variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGPASSFILE`,
 //! `PGDATABASE`, `PGSSLMODE`, ...) and then from libpq's defaults.
 //!
-//! Passwords come, in this order, from the string's `password`, from `PGPASSWORD`, and from
-//! the password file (`passfile`, `PGPASSFILE`, or `~/.pgpass`), which is read at each
-//! connection and ignored, with a warning, when the group or others may access it.
+//! Passwords come, in this order, from the string's `password`, from a file that holds only
+//! the password (`--pg-password-file`, [`Settings::use_password_file`]; read once, refused
+//! when the group or others may access it), from `PGPASSWORD`, and from the password file
+//! (`passfile`, `PGPASSFILE`, or `~/.pgpass`), which is read at each connection and ignored,
+//! with a warning, when the group or others may access it.
 //!
 //! Invariant: a password never leaves [`Settings`] except towards the server. [`Settings`]
 //! displays (and debug-prints) itself with the password replaced by `********`, and no
@@ -391,8 +393,10 @@ pub struct Settings {
     pub user: String,
     /// `dbname` or `PGDATABASE`; each connection chooses its default.
     pub dbname: Option<String>,
-    /// `password` or `PGPASSWORD`.
+    /// `password`, else a password file's (`use_password_file`), else `PGPASSWORD`.
     password: Option<Password>,
+    /// Whether the string gave `password`.
+    password_in_string: bool,
     /// `passfile` or `PGPASSFILE`, else `~/.pgpass`.
     pub passfile: Option<PathBuf>,
     pub sslmode: SslMode,
@@ -542,6 +546,7 @@ impl Settings {
             user,
             dbname: get("dbname", "PGDATABASE"),
             password: get("password", "PGPASSWORD").map(|p| Password(p.into_bytes())),
+            password_in_string: ci.get("password").is_some(),
             passfile: get("passfile", "PGPASSFILE")
                 .map(PathBuf::from)
                 .or_else(|| home.as_ref().map(|h| h.join(".pgpass"))),
@@ -575,6 +580,18 @@ impl Settings {
             &self.user,
         )
         .map(Password)
+    }
+
+    /// Uses the first line of the file at `path` as the password when the string gives none,
+    /// before `PGPASSWORD` and the password file. The file is read now, and refused if the
+    /// group or others may access it (as libpq refuses such a password file), if it is not a
+    /// plain file, or if its first line is empty.
+    pub fn use_password_file(&mut self, path: &Path) -> Result<(), PasswordFileError> {
+        let password = read_password_file(path)?;
+        if !self.password_in_string {
+            self.password = Some(password);
+        }
+        Ok(())
     }
 
     /// Where a password could come from, for an error message.
@@ -618,6 +635,57 @@ fn os_user() -> Option<String> {
         .ok()
         .flatten()
         .map(|u| u.name)
+}
+
+/// A file given to hold a password that cannot be used. Never shows the file's content.
+#[derive(Debug, thiserror::Error)]
+pub enum PasswordFileError {
+    #[error("cannot read the password file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the password file {} is not a plain file", path.display())]
+    NotAFile { path: PathBuf },
+    #[error("the password file {} may be accessed by its group or others (mode {mode:04o}); make it private to its owner: chmod 600 {}", path.display(), path.display())]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error("the password file {} holds no password on its first line", path.display())]
+    Empty { path: PathBuf },
+}
+
+/// The password in the first line of the file at `path` (without its line end), refusing a
+/// file that the group or others may access.
+pub fn read_password_file(path: &Path) -> Result<Password, PasswordFileError> {
+    use std::io::Read;
+    let read = |source| PasswordFileError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    // Checked before opening: opening a FIFO would wait for a writer.
+    if !std::fs::metadata(path).map_err(read)?.is_file() {
+        return Err(PasswordFileError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let mut file = std::fs::File::open(path).map_err(read)?;
+    let mode = file.metadata().map_err(read)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(PasswordFileError::Exposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let mut content = Vec::new();
+    file.read_to_end(&mut content).map_err(read)?;
+    let first = content.split(|&b| b == b'\n').next().unwrap_or_default();
+    let first = first.strip_suffix(b"\r").unwrap_or(first);
+    if first.is_empty() {
+        return Err(PasswordFileError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(Password(first.to_vec()))
 }
 
 /// Reads the password file as libpq does: a missing file is no file; one that is not a
@@ -984,6 +1052,56 @@ mod tests {
         assert_eq!(
             s2.password(&s2.targets[0], "postgres").unwrap().as_bytes(),
             b"env"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_password_file_comes_after_the_string_and_before_the_environment() {
+        let dir = std::env::temp_dir().join(format!("walship-pwfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "from-file\r\nsecond line\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let password = |conninfo: &str, env: &[(&str, &str)]| {
+            let mut s = settings(conninfo, env).unwrap();
+            s.use_password_file(&file).unwrap();
+            s.password(&s.targets[0], "postgres")
+                .unwrap()
+                .as_bytes()
+                .to_vec()
+        };
+        assert_eq!(password("user=w", &[]), b"from-file");
+        assert_eq!(password("user=w", &[("PGPASSWORD", "env")]), b"from-file");
+        assert_eq!(password("user=w password=inline", &[]), b"inline");
+        // Refused when others may read it, when empty, when not a file: never showing it.
+        let refused = |mode: u32, content: &str| {
+            std::fs::write(&file, content).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = settings("user=w", &[])
+                .unwrap()
+                .use_password_file(&file)
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("Qv7Zk"), "{e}");
+            e
+        };
+        let e = refused(0o640, "Qv7Zk\n");
+        assert!(e.contains("mode 0640") && e.contains("chmod 600"), "{e}");
+        assert!(refused(0o604, "Qv7Zk\n").contains("mode 0604"));
+        assert!(refused(0o600, "\nQv7Zk\n").contains("holds no password"));
+        let e = settings("user=w", &[])
+            .unwrap()
+            .use_password_file(&dir)
+            .unwrap_err();
+        assert!(e.to_string().contains("is not a plain file"), "{e}");
+        let e = settings("user=w", &[])
+            .unwrap()
+            .use_password_file(&dir.join("missing"))
+            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("cannot read the password file"),
+            "{e}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -1291,3 +1291,95 @@ impl Pg {
         Ok(port)
     }
 }
+
+// A first run as the README sets it up (shared by first_run.rs and check.rs).
+
+/// Environment variables of libpq that must not leak from the test's environment.
+pub const PG_ENV: &[&str] = &[
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSSLMODE",
+    "PGSSLROOTCERT",
+    "PGSSLCERT",
+    "PGSSLKEY",
+    "PGAPPNAME",
+    "PGOPTIONS",
+    "PGCONNECT_TIMEOUT",
+];
+
+/// A password with the characters a password file must escape (`:` and `\`).
+pub fn password() -> String {
+    format!(r"Wal:ship\pw-{}-x", std::process::id())
+}
+
+/// A primary with scram-sha-256 for the role `walship`, created with the README's
+/// attributes and grants. `hba` is the rest of pg_hba.conf after the harness's own line.
+pub fn primary(dir: &TestDir, pw: &str) -> Result<Pg> {
+    let pg = Pg::start_primary(dir, "primary", "password_encryption = 'scram-sha-256'")?;
+    pg.sql(&format!(
+        "CREATE ROLE walship WITH LOGIN REPLICATION PASSWORD '{pw}';
+         GRANT EXECUTE ON FUNCTION pg_backup_start(text, boolean) TO walship;
+         GRANT EXECUTE ON FUNCTION pg_backup_stop(boolean) TO walship;
+         GRANT pg_read_all_settings TO walship;"
+    ))?;
+    pg.sql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'row ' || g FROM generate_series(1, 1000) g")?;
+    Ok(pg)
+}
+
+/// The README's pg_hba.conf lines for a sender on the primary's host, after the line the
+/// harness itself needs.
+pub const HBA_LOCAL: &str = "local all postgres trust\n\
+                         local replication walship scram-sha-256\n\
+                         local postgres walship scram-sha-256\n";
+
+/// A private home directory for the sender (no password file unless a test writes one).
+pub fn home(dir: &TestDir, name: &str) -> Result<PathBuf> {
+    let h = dir.join(name);
+    fs::create_dir_all(&h)?;
+    fs::set_permissions(&h, fs::Permissions::from_mode(0o700))?;
+    Ok(h)
+}
+
+/// `wal-sender serve` with `conninfo`, `HOME` set to `home`, and `env` as the only libpq
+/// variables. Returns the process and its address.
+pub fn start_sender(
+    dir: &TestDir,
+    log: &str,
+    conninfo: &str,
+    home: &Path,
+    env: &[(&str, &str)],
+) -> Result<(Proc, String)> {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut c = Command::new(bin("wal-sender"));
+    c.args([
+        "--log-format",
+        "json",
+        "serve",
+        "--pg-conn",
+        conninfo,
+        "--listen",
+        &addr,
+    ])
+    .env("HOME", home);
+    for v in PG_ENV {
+        c.env_remove(v);
+    }
+    c.envs(env.iter().copied());
+    let p = Proc::spawn(c, dir.join(&format!("{log}.log")))?;
+    Ok((p, addr))
+}
+
+/// Waits until the sender listens; fails with its log if it exits first.
+pub fn wait_listening(p: &mut Proc, addr: &str) -> Result<()> {
+    wait_for("wal-sender to listen", || {
+        if !p.is_running() {
+            bail!("wal-sender exited:\n{}", tail(&p.log_text(), 20));
+        }
+        Ok(std::net::TcpStream::connect(addr).ok().map(|_| ()))
+    })
+}

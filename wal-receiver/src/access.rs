@@ -83,6 +83,19 @@ pub enum Use {
     Write,
 }
 
+/// What [`check`] finds about a directory, without changing it.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Missing (it will be created private), not a directory (the command reports it), or
+    /// private enough.
+    Fine,
+    /// Empty, this user's, and open to others: a command that uses it makes it private
+    /// first, as `initdb` does.
+    EmptyOpen { mode: u32 },
+    /// Refused with [`exit::PERMISSIONS`]; the message names the fix.
+    Refused(Fatal),
+}
+
 /// Checks the WAL store or repository `dir` (`what` names it in messages) before a command
 /// uses it. A directory that does not exist yet passes: it is created private. An empty one
 /// with a wider mode is made private, as `initdb` fixes the permissions of an existing
@@ -90,13 +103,36 @@ pub enum Use {
 /// (or, without `--allow-group-access`, the group) have any permission on it, or, for
 /// [`Use::Write`], when it belongs to another OS user.
 pub fn check(dir: &Path, what: &str, usage: Use) -> Result<(), Fatal> {
+    match assess(dir, what, usage) {
+        Verdict::Fine => Ok(()),
+        Verdict::Refused(f) => Err(f),
+        Verdict::EmptyOpen { mode } => {
+            let access = current();
+            if fs::set_permissions(dir, fs::Permissions::from_mode(access.dir_mode())).is_ok() {
+                tracing::info!(
+                    dir = %dir.display(),
+                    "made the empty {what} private: mode {mode:04o} -> {:04o}",
+                    access.dir_mode()
+                );
+                return Ok(());
+            }
+            Err(Fatal {
+                code: exit::PERMISSIONS,
+                message: open_message(dir, what, mode, access),
+            })
+        }
+    }
+}
+
+/// What [`check`] would find about `dir`, changing nothing (for `check`, the command).
+pub fn assess(dir: &Path, what: &str, usage: Use) -> Verdict {
     // What cannot be read here (missing, not a directory, no permission) is for the
     // command itself to report.
     let Ok(meta) = fs::metadata(dir) else {
-        return Ok(());
+        return Verdict::Fine;
     };
     if !meta.is_dir() {
-        return Ok(());
+        return Verdict::Fine;
     }
     let access = current();
     let shown = dir.display();
@@ -111,7 +147,7 @@ pub fn check(dir: &Path, what: &str, usage: Use) -> Result<(), Fatal> {
         } else {
             String::new()
         };
-        return Err(Fatal {
+        return Verdict::Refused(Fatal {
             code: exit::PERMISSIONS,
             message: format!(
                 "the {what} {shown} belongs to {}, but wal-receiver runs as {}: the files it wrote there would be unreadable by their owner (and by a standby's restore_command). Run wal-receiver as {}{how}, as PostgreSQL runs as the owner of its data directory",
@@ -123,21 +159,13 @@ pub fn check(dir: &Path, what: &str, usage: Use) -> Result<(), Fatal> {
     }
     let mode = meta.permissions().mode() & 0o777;
     if mode & access.mask() == 0 {
-        return Ok(());
+        return Verdict::Fine;
     }
     let empty = fs::read_dir(dir).is_ok_and(|mut rd| rd.next().is_none());
-    if empty
-        && meta.uid() == euid.as_raw()
-        && fs::set_permissions(dir, fs::Permissions::from_mode(access.dir_mode())).is_ok()
-    {
-        tracing::info!(
-            dir = %shown,
-            "made the empty {what} private: mode {mode:04o} -> {:04o}",
-            access.dir_mode()
-        );
-        return Ok(());
+    if empty && meta.uid() == euid.as_raw() {
+        return Verdict::EmptyOpen { mode };
     }
-    Err(Fatal {
+    Verdict::Refused(Fatal {
         code: exit::PERMISSIONS,
         message: open_message(dir, what, mode, access),
     })
@@ -245,6 +273,28 @@ mod tests {
         );
         // Missing: created private later.
         check(&d.join("new"), "WAL store", Use::Write).unwrap();
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn assess_changes_nothing() {
+        let d = tmpdir("assess");
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(
+            assess(&d, "WAL store", Use::Write),
+            Verdict::EmptyOpen { mode: 0o755 }
+        ));
+        assert_eq!(
+            fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        fs::write(d.join("state"), b"x").unwrap();
+        match assess(&d, "WAL store", Use::Read) {
+            Verdict::Refused(f) => assert!(f.message.contains("chmod -R go-rwx"), "{}", f.message),
+            v => panic!("{v:?}"),
+        }
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(matches!(assess(&d, "WAL store", Use::Read), Verdict::Fine));
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -606,6 +606,37 @@ fn wal_chain(wal_dir: &Path, state: &StoreState, from: Lsn, to: Lsn) -> Result<V
     Ok(missing)
 }
 
+/// The WAL chain from the newest backup's start to the end of the archive (for `check`).
+#[derive(Debug)]
+pub struct NewestChain {
+    pub backup: String,
+    pub from: Lsn,
+    /// The end of the archive: its store's flush position.
+    pub to: Lsn,
+    /// The segments missing between them (see `wal_chain`).
+    pub missing: Vec<String>,
+}
+
+/// The chain [`NewestChain`] describes; `None` when the repository has no backup or no WAL
+/// archive yet.
+pub fn newest_chain(repo: &Path) -> Result<Option<NewestChain>> {
+    let backups = list(repo)?;
+    let Some(newest) = backups.last() else {
+        return Ok(None);
+    };
+    let wal_dir = repo.join(WAL_DIR);
+    let Some(state) = read_state(&wal_dir).map_err(crate::store::reader_error)? else {
+        return Ok(None);
+    };
+    let from = newest.start()?;
+    Ok(Some(NewestChain {
+        backup: newest.id.clone(),
+        from,
+        to: state.flush_lsn,
+        missing: wal_chain(&wal_dir, &state, from, state.flush_lsn)?,
+    }))
+}
+
 /// A recovery target.
 #[derive(Clone, Debug, Default)]
 pub struct Target {

@@ -194,6 +194,7 @@ pub(crate) async fn snapshot_with_wal(
                 tls: cfg.tls.clone(),
                 serve: None,
                 retention: None,
+                metrics_listen: None,
             })
             .await?;
             break;

@@ -21,10 +21,12 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 use walship_common::frame::{Frame, FrameEncoder, FrameError, FrameReader};
 use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL_VERSION};
+use walship_common::service;
 use walship_common::timeline::History;
 use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, TimelineId, WalSegSize};
 
+use crate::metrics::{ErrorKind, FollowMetrics};
 use crate::retention::{Retention, StandbyReplay};
 use crate::serve::{self, Feed, Feedback, ServeAddr, StoreView};
 use crate::store::{Store, StoreError, StoreState};
@@ -42,6 +44,8 @@ const MAX_UNFLUSHED: u64 = 8 << 20;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// The standby's feedback is written for `status` at most this often.
 const STANDBY_FILE_INTERVAL: Duration = Duration::from_secs(1);
+/// At a stop, how long the served standby has to close its connection once told.
+const STANDBY_STOP_WAIT: Duration = Duration::from_secs(5);
 
 pub struct FollowConfig {
     /// The senders to choose from (see [`choose`]); at least one.
@@ -57,6 +61,19 @@ pub struct FollowConfig {
     pub serve: Option<ServeAddr>,
     /// What the store keeps (see [`crate::retention`]); `None` keeps everything.
     pub retention: Option<Retention>,
+    /// Serve Prometheus metrics at this HOST:PORT (see [`crate::metrics`]).
+    pub metrics_listen: Option<String>,
+}
+
+/// How a stream with the sender broke, when no frame or I/O error says it.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("sender reported an error: {0}")]
+    Reported(String),
+    #[error("no message from the sender for {0:?}; assuming the connection is dead")]
+    Silent(Duration),
+    #[error("sender closed the connection")]
+    Closed,
 }
 
 /// How the receiver connects with TLS.
@@ -105,11 +122,21 @@ pub fn store_fatal(e: StoreError) -> anyhow::Error {
 }
 
 /// Follows the sender until a signal or a fatal error.
+///
+/// Under a service manager (`Type=notify`; never for a bootstrap's catch-up, which has
+/// `until`) it reports ready once the store is open and recovered and the standby's socket
+/// listens, before any sender answers: a receiver is up while its primary is down, and says
+/// so in its status. On SIGTERM or SIGINT the session is dropped at an await point, where
+/// everything written has been fsynced (a batch is written and flushed without one), so only
+/// the acknowledgement of the last flush may not have left; the store is flushed and closed,
+/// the served standby is told the receiver is stopping, and `follow` returns `Ok`.
 pub async fn follow(cfg: FollowConfig) -> Result<()> {
     validate_name(&cfg.name).map_err(|m| Fatal {
         code: exit::USAGE,
         message: m,
     })?;
+    // From the start: a SIGTERM while the store is recovered stops cleanly afterwards.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let wal_dir = cfg.wal_dir.clone();
     let mut store = tokio::task::spawn_blocking(move || Store::open(&wal_dir))
         .await?
@@ -132,19 +159,54 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
         None => None,
     };
     publish(feed.as_ref(), &store);
+    let keep_bytes = match cfg.retention.as_ref().map(|r| r.keep) {
+        Some(crate::retention::KeepWal::Size(b)) => Some(b),
+        _ => None,
+    };
+    let metrics = Arc::new(FollowMetrics::new(&cfg.name, &cfg.wal_dir, keep_bytes));
+    let timeline_of = |store: &Store| store.state().map(|s| s.timeline.0).unwrap_or(0);
+    metrics.flushed(store.flush_lsn(), timeline_of(&store));
+    if let Some(f) = &feed {
+        metrics.watch_standby(f.feedback.clone());
+    }
+    if let Some(addr) = &cfg.metrics_listen {
+        metrics.serve(addr).map_err(|e| Fatal {
+            code: exit::USAGE,
+            message: e.to_string(),
+        })?;
+    }
+    if cfg.until.is_none() {
+        let held = match store.state() {
+            Some(_) => format!("flushed to {}", store.flush_lsn()),
+            None => "empty".to_owned(),
+        };
+        service::ready(&format!(
+            "store open, {held}; connecting to {}",
+            cfg.senders.join(", ")
+        ));
+    }
     let mut backoff = BACKOFF_MIN;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let before = store.flush_lsn();
         let result = tokio::select! {
-            r = session(&mut store, &cfg, feed.as_mut()) => r,
+            r = session(&mut store, &cfg, feed.as_mut(), &metrics) => r,
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         };
+        metrics.connected(false);
         match result {
             // Never touch the store after a fatal error: a failed fsync is not retried.
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
-            Err(e) => warn!("{e:#}; reconnecting in {backoff:?}"),
+            Err(e) => {
+                warn!("{e:#}; reconnecting in {backoff:?}");
+                metrics.failed(&e);
+                tell(&cfg, || {
+                    format!(
+                        "waiting for sender: {e:#}; flushed to {}; retrying in {backoff:?}",
+                        store.flush_lsn()
+                    )
+                });
+            }
             Ok(Outcome::Reached) => break,
             Ok(Outcome::TimelineEnded) => {
                 publish(feed.as_ref(), &store);
@@ -156,6 +218,7 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
         // the next session resumes exactly where the store ends.
         store.flush().map_err(store_fatal)?;
         publish(feed.as_ref(), &store);
+        metrics.flushed(store.flush_lsn(), timeline_of(&store));
         if store.flush_lsn() > before {
             backoff = BACKOFF_MIN;
         }
@@ -167,10 +230,25 @@ pub async fn follow(cfg: FollowConfig) -> Result<()> {
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
     // Signal: make what was written durable (nothing unflushed was acknowledged anyway).
+    if cfg.until.is_none() {
+        service::stopping(&format!("stopping: flushing to {}", store.write_lsn()));
+    }
     let flush_lsn = store.flush().map_err(store_fatal)?;
+    publish(feed.as_ref(), &store);
     store.close().map_err(store_fatal)?;
+    if let Some(f) = feed {
+        f.stop(STANDBY_STOP_WAIT).await;
+    }
     info!(%flush_lsn, "wal-receiver stopped");
     Ok(())
+}
+
+/// Tells the service manager what `follow` does now; a bootstrap's catch-up (with `until`)
+/// tells nothing.
+fn tell(cfg: &FollowConfig, status: impl FnOnce() -> String) {
+    if cfg.until.is_none() {
+        service::status(&status());
+    }
 }
 
 pub struct Link {
@@ -211,7 +289,7 @@ pub fn sender_error(code: ErrorCode, message: String) -> anyhow::Error {
             ),
         }
         .into(),
-        ErrorCode::Other => anyhow!("sender reported an error: {message}"),
+        ErrorCode::Other => StreamError::Reported(message).into(),
     }
 }
 
@@ -592,6 +670,7 @@ async fn session(
     store: &mut Store,
     cfg: &FollowConfig,
     feed: Option<&mut Feed>,
+    metrics: &FollowMetrics,
 ) -> Result<Outcome> {
     let store_timeline = store.state().map(|s| s.timeline);
     let (
@@ -608,7 +687,15 @@ async fn session(
         cfg.tls.as_ref(),
         store_timeline,
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        if e.is::<Fatal>() {
+            e
+        } else {
+            e.context(ErrorKind::Connect)
+        }
+    })?;
+    metrics.message(info.flush_lsn, None);
     let (system_id, timeline, seg_size, server_flush_lsn) =
         (info.system_id, info.timeline, info.seg_size, info.flush_lsn);
     match store.state() {
@@ -652,6 +739,14 @@ async fn session(
     })
     .await?;
     info!(%start_lsn, timeline = timeline.0, "requesting WAL");
+    metrics.connected(true);
+    metrics.flushed(start_lsn, timeline.0);
+    tell(cfg, || {
+        format!(
+            "streaming from {start_lsn} on timeline {} from {sender}",
+            timeline.0
+        )
+    });
     // The sender of this session has not heard from the standby yet.
     if let Some(f) = feed.as_deref() {
         let fb = f.feedback.borrow().clone();
@@ -669,6 +764,7 @@ async fn session(
         feed,
         &cfg.wal_dir,
         cfg.retention.as_ref().and_then(|r| r.standby.as_ref()),
+        metrics,
     )
     .await
 }
@@ -679,7 +775,7 @@ fn message_of(read: Result<Option<Frame>, FrameError>) -> Result<(Message, u64)>
         Ok(Some(frame)) => Message::decode(&frame)
             .map(|m| (m, frame.wire_bytes))
             .map_err(anyhow::Error::from),
-        Ok(None) => Err(anyhow!("sender closed the connection")),
+        Ok(None) => Err(StreamError::Closed.into()),
         Err(e) => Err(anyhow::Error::from(e).context("bad frame from sender")),
     }
 }
@@ -795,6 +891,7 @@ async fn stream(
     mut feed: Option<&mut Feed>,
     wal_dir: &std::path::Path,
     standby_replay: Option<&StandbyReplay>,
+    metrics: &FollowMetrics,
 ) -> Result<Outcome> {
     let mut last_log = Instant::now();
     let mut last_msg = tokio::time::Instant::now();
@@ -814,7 +911,7 @@ async fn stream(
             }
             // read_frame is cancellation-safe: a frame partly read stays buffered.
             r = tokio::time::timeout_at(last_msg + IDLE_TIMEOUT, frames.read_frame()) => message_of(r
-                .map_err(|_| anyhow!("no message from the sender for {IDLE_TIMEOUT:?}; assuming the connection is dead"))?),
+                .map_err(|_| StreamError::Silent(IDLE_TIMEOUT))?),
             fb = next_feedback(&mut feed) => {
                 // Retention keeps the segment of the last replay position reported.
                 if let Some(r) = standby_replay.filter(|_| fb.apply_lsn != Lsn::default()) {
@@ -839,6 +936,17 @@ async fn stream(
         let mut item = Some(first);
         while let Some(it) = item.take() {
             let (msg, wire_bytes) = it?;
+            match &msg {
+                Message::WalData {
+                    server_flush_lsn: sf,
+                    data,
+                    ..
+                } => metrics.message(*sf, Some((data.len() as u64, wire_bytes))),
+                Message::Keepalive {
+                    server_flush_lsn: sf,
+                } => metrics.message(*sf, None),
+                _ => metrics.message(Lsn::default(), None),
+            }
             match msg {
                 Message::WalData {
                     start_lsn,
@@ -908,6 +1016,7 @@ async fn stream(
                     }
                 })
                 .map_err(store_fatal)?;
+            metrics.flushed(flush_lsn, store.state().map(|s| s.timeline.0).unwrap_or(0));
             tracing::debug!(
                 batch,
                 synced_us,
@@ -929,7 +1038,13 @@ async fn stream(
         if last_log.elapsed() >= PROGRESS_INTERVAL {
             last_log = Instant::now();
             let flush_lsn = store.flush_lsn();
-            info!(%flush_lsn, %server_flush_lsn, lag_bytes = server_flush_lsn.saturating_sub(flush_lsn), "following");
+            let lag_bytes = server_flush_lsn.saturating_sub(flush_lsn);
+            info!(%flush_lsn, %server_flush_lsn, lag_bytes, "following");
+            if until.is_none() {
+                service::status(&format!(
+                    "streaming: flushed to {flush_lsn}, {lag_bytes} bytes behind the primary"
+                ));
+            }
         }
     }
 }

@@ -6,9 +6,11 @@
 //! - [`access`]: who may read what wal-receiver keeps (modes, umask, permission checks).
 //! - [`backup`]: backup repositories: base backups, the WAL archive, point-in-time restore.
 //! - [`bootstrap`]: a new standby from a snapshot of the primary.
+//! - [`check`]: `wal-receiver check`, every precondition of a working `follow`.
 //! - [`paths`]: checks on file names from the network.
 //! - [`pgconf`]: where a new server listens, written into its `postgresql.auto.conf`.
 //! - [`follow`]: the streaming loop with group commit and reconnects.
+//! - [`metrics`]: what `follow --metrics-listen` exports.
 //! - [`restore`]: the `restore_command` helper.
 //! - [`status`]: what a store holds.
 //! - [`walcheck`]: where valid WAL ends in a segment, for recovery after a crash.
@@ -18,7 +20,9 @@
 pub mod access;
 pub mod backup;
 pub mod bootstrap;
+pub mod check;
 pub mod follow;
+pub mod metrics;
 pub mod paths;
 pub mod pgconf;
 pub mod restore;
@@ -66,6 +70,9 @@ pub mod exit {
     /// without `--allow-group-access`), or belongs to another OS user than the one writing
     /// into it. The message names the fix.
     pub const PERMISSIONS: u8 = 13;
+    /// `check` found a failing check (`check --nagios` exits with Nagios' codes instead:
+    /// 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
+    pub const CHECK_FAILED: u8 = walship_common::check::EXIT_CHECK_FAILED;
 }
 
 /// An error that ends the process with a specific exit code instead of a retry.

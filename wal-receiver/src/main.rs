@@ -1,4 +1,6 @@
-//! The wal-receiver command line. Exit codes are listed in `wal_receiver::exit`.
+//! The wal-receiver command line. Exit codes are listed in `wal_receiver::exit` (`check`: 0
+//! when no check failed, 14 when one did; with `--nagios` 0 OK, 1 WARNING, 2 CRITICAL, 3
+//! UNKNOWN).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,45 +33,32 @@ struct Cli {
 enum Command {
     /// Stream WAL from a sender into a WAL store and keep it current, reconnecting after
     /// any outage. Acknowledges only fsynced WAL.
-    Follow {
-        /// The wal-sender to follow. Repeat it to list the senders of every node that may
-        /// become the primary: the receiver then follows the one whose server is a primary
-        /// on the highest timeline, re-chooses after every disconnect (so it finds a new
-        /// primary after a failover by itself), never moves to a lower timeline, and
-        /// follows none while two claim to be primary on the same timeline.
-        #[arg(long = "sender", value_name = "HOST:PORT", required = true)]
-        senders: Vec<String>,
-        /// This receiver's name: the sender uses the slot walship_NAME and
-        /// application_name=NAME (so synchronous_standby_names can name it).
-        #[arg(long)]
-        name: String,
-        /// The WAL store directory (created if missing; one receiver per store).
-        #[arg(long, value_name = "DIR")]
-        wal_dir: PathBuf,
-        /// Where an empty store starts (rounded down to its segment start). Default: the
-        /// start of the primary's current segment. Ignored when the store has WAL.
-        #[arg(long, value_name = "LSN")]
-        start_lsn: Option<Lsn>,
+    Follow(FollowArgs),
+    /// Check every precondition of `follow` and report each as OK or FAIL with its fix:
+    /// the receiver name, the TLS files (loadable, key matching, validity dates, the name
+    /// in the certificate), each sender (TCP, TLS and the handshake: it answers, reaches
+    /// its PostgreSQL and accepts this name; no stream is asked for, so no slot moves),
+    /// that the store holds the sender's cluster, the store's owner and permissions, disk
+    /// space against --keep-wal, the --serve-standby socket, and for a backup repository
+    /// (--repo, or the one --wal-dir is the archive of) the WAL chain from the newest backup
+    /// to the end of the archive. Takes the flags of `follow`. Exits 0 when no check failed
+    /// (warnings do not fail), 14 when one did; with --nagios, 0 OK, 1 WARNING, 2 CRITICAL,
+    /// 3 UNKNOWN.
+    Check {
         #[command(flatten)]
-        tls: TlsArgs,
-        /// Serve a standby over PostgreSQL's streaming replication protocol, straight from
-        /// the store: an absolute directory for a Unix socket (.s.PGSQL.PORT in it), or a
-        /// loopback IP:PORT. On a Unix socket only the OS user that owns the WAL store may
-        /// connect (peer authentication); on TCP any local user may. The standby's replay
-        /// position and hot-standby feedback go upstream.
-        #[arg(long, value_name = "SOCKET_DIR|IP:PORT")]
-        serve_standby: Option<String>,
-        /// The port in the socket's name when --serve-standby is a directory.
-        #[arg(long, value_name = "PORT", default_value_t = 5432)]
-        serve_standby_port: u16,
-        /// Remove the oldest sealed segments beyond this total size of sealed files on disk
-        /// (64MB, 2GiB) or older than this (7d, 12h); `all` keeps everything. Never removes
-        /// what the served standby has not replayed. Default with --serve-standby: the
-        /// smaller of 10% of the store's file system and 16 GiB; without it, all (a
-        /// restore_command standby reports no position). Refused in a backup repository
-        /// (prune decides).
-        #[arg(long, value_name = "SIZE|DURATION|all")]
-        keep_wal: Option<wal_receiver::retention::KeepWal>,
+        follow: FollowArgs,
+        /// A backup repository to check as well: its permissions, and the WAL chain from
+        /// the newest backup's start to the end of its archive. Default: the repository
+        /// whose archive --wal-dir is, if it is one.
+        #[arg(long, value_name = "DIR")]
+        repo: Option<PathBuf>,
+        /// Print a JSON array of {name, status, detail, fix} (status: ok, warn, fail, skip).
+        #[arg(long, conflicts_with = "nagios")]
+        json: bool,
+        /// Print one line for Nagios-style monitoring and exit 0 OK, 1 WARNING, 2 CRITICAL,
+        /// 3 UNKNOWN.
+        #[arg(long)]
+        nagios: bool,
     },
     /// Make a new standby from a live primary: restore a consistent snapshot into --pgdata,
     /// store WAL through the snapshot's stop position in --wal-dir, and write the recovery
@@ -150,6 +139,11 @@ enum Command {
         /// database is dbname, else PGDATABASE, else postgres.
         #[arg(long, value_name = "CONNINFO")]
         standby: Option<String>,
+        /// A file whose first line is the password for --standby: used when the connection
+        /// string gives none, before PGPASSWORD and the password file (pgpass). Refused
+        /// unless private to its owner (chmod 600), as libpq refuses a pgpass file.
+        #[arg(long, value_name = "FILE", requires = "standby")]
+        standby_password_file: Option<PathBuf>,
     },
     /// Take a base backup into a backup repository while the primary runs. The WAL through
     /// the backup's stop position goes into the repository's WAL archive, REPO/wal; keep it
@@ -241,6 +235,57 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The flags of `follow` (and of `check`, which takes the same, so that one configuration
+/// serves both).
+#[derive(clap::Args, Debug)]
+struct FollowArgs {
+    /// The wal-sender to follow. Repeat it to list the senders of every node that may
+    /// become the primary: the receiver then follows the one whose server is a primary
+    /// on the highest timeline, re-chooses after every disconnect (so it finds a new
+    /// primary after a failover by itself), never moves to a lower timeline, and
+    /// follows none while two claim to be primary on the same timeline.
+    #[arg(long = "sender", value_name = "HOST:PORT", required = true)]
+    senders: Vec<String>,
+    /// This receiver's name: the sender uses the slot walship_NAME and
+    /// application_name=NAME (so synchronous_standby_names can name it).
+    #[arg(long)]
+    name: String,
+    /// The WAL store directory (created if missing; one receiver per store).
+    #[arg(long, value_name = "DIR")]
+    wal_dir: PathBuf,
+    /// Where an empty store starts (rounded down to its segment start). Default: the
+    /// start of the primary's current segment. Ignored when the store has WAL.
+    #[arg(long, value_name = "LSN")]
+    start_lsn: Option<Lsn>,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Serve a standby over PostgreSQL's streaming replication protocol, straight from
+    /// the store: an absolute directory for a Unix socket (.s.PGSQL.PORT in it), or a
+    /// loopback IP:PORT. On a Unix socket only the OS user that owns the WAL store may
+    /// connect (peer authentication); on TCP any local user may. The standby's replay
+    /// position and hot-standby feedback go upstream.
+    #[arg(long, value_name = "SOCKET_DIR|IP:PORT")]
+    serve_standby: Option<String>,
+    /// The port in the socket's name when --serve-standby is a directory.
+    #[arg(long, value_name = "PORT", default_value_t = 5432)]
+    serve_standby_port: u16,
+    /// Remove the oldest sealed segments beyond this total size of sealed files on disk
+    /// (64MB, 2GiB) or older than this (7d, 12h); `all` keeps everything. Never removes
+    /// what the served standby has not replayed. Default with --serve-standby: the
+    /// smaller of 10% of the store's file system and 16 GiB; without it, all (a
+    /// restore_command standby reports no position). Refused in a backup repository
+    /// (prune decides).
+    #[arg(long, value_name = "SIZE|DURATION|all")]
+    keep_wal: Option<wal_receiver::retention::KeepWal>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (plain HTTP, no
+    /// authentication: listen on loopback or a monitoring network): the flush position
+    /// and the lag behind the primary, seconds since the sender's last message, bytes
+    /// received, reconnections and errors by kind, the store's size and its file system's
+    /// free space, the served standby's replay position and lag.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<String>,
 }
 
 /// Where the server made by `bootstrap` or `restore` listens: written into its
@@ -347,7 +392,7 @@ const REPO: &str = "backup repository";
 fn check_access(command: &Command) -> Result<(), Fatal> {
     use wal_receiver::access::{check, Use};
     match command {
-        Command::Follow { wal_dir, .. } | Command::Bootstrap { wal_dir, .. } => {
+        Command::Follow(FollowArgs { wal_dir, .. }) | Command::Bootstrap { wal_dir, .. } => {
             check(wal_dir, STORE, Use::Write)
         }
         Command::Status { wal_dir, .. } => check(wal_dir, STORE, Use::Read),
@@ -358,11 +403,13 @@ fn check_access(command: &Command) -> Result<(), Fatal> {
         | Command::Verify { repo, .. } => check(repo, REPO, Use::Read),
         // Warned about once a file is served (PostgreSQL polls for missing ones).
         Command::RestoreWal { .. } => Ok(()),
+        // Reports what it finds instead.
+        Command::Check { .. } => Ok(()),
     }
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = walship_common::config::parse();
     // Before anything is created: what this process creates is private.
     wal_receiver::access::init(if cli.allow_group_access {
         wal_receiver::access::Access::Group
@@ -371,11 +418,53 @@ fn main() -> ExitCode {
     });
     logging::init(cli.log_format);
     if let Err(e) = check_access(&cli.command) {
-        eprintln!("wal-receiver: {e}");
+        walship_common::report!("wal-receiver: {e}");
         return ExitCode::from(e.code);
     }
     let result = match cli.command {
-        Command::Follow {
+        Command::Check {
+            follow,
+            repo,
+            json,
+            nagios,
+        } => {
+            use walship_common::check::{could_not_run, Format};
+            let format = match (json, nagios) {
+                (true, _) => Format::Json,
+                (_, true) => Format::Nagios,
+                _ => Format::Text,
+            };
+            let cfg = wal_receiver::check::CheckConfig {
+                senders: follow.senders,
+                name: follow.name,
+                wal_dir: follow.wal_dir,
+                tls_ca: follow.tls.tls_ca,
+                tls_cert: follow.tls.tls_cert,
+                tls_key: follow.tls.tls_key,
+                tls_server_name: follow.tls.tls_server_name,
+                serve_standby: follow.serve_standby,
+                serve_standby_port: follow.serve_standby_port,
+                keep_wal: follow.keep_wal,
+                repo,
+                metrics_listen: follow.metrics_listen,
+            };
+            let report = match runtime() {
+                Ok(rt) => rt.block_on(wal_receiver::check::check(&cfg)),
+                Err(e) => {
+                    let e = format!("cannot start the runtime: {e}");
+                    if let Some((line, code)) = could_not_run(format, &e) {
+                        println!("{line}");
+                        return ExitCode::from(code);
+                    }
+                    walship_common::report!("wal-receiver: {e}");
+                    return ExitCode::from(exit::ERROR);
+                }
+            };
+            let (text, code) = report.render(format);
+            println!("{text}");
+            return ExitCode::from(code);
+        }
+        Command::Follow(FollowArgs {
             senders,
             name,
             wal_dir,
@@ -384,7 +473,8 @@ fn main() -> ExitCode {
             serve_standby,
             serve_standby_port,
             keep_wal,
-        } => tls.load().map_err(anyhow::Error::from).and_then(|tls| {
+            metrics_listen,
+        }) => tls.load().map_err(anyhow::Error::from).and_then(|tls| {
             let retention =
                 wal_receiver::retention::resolve(&wal_dir, keep_wal, serve_standby.is_some())
                     .map_err(|message| Fatal {
@@ -407,6 +497,7 @@ fn main() -> ExitCode {
                 tls,
                 serve,
                 retention,
+                metrics_listen,
             };
             follow_runtime()?.block_on(wal_receiver::follow::follow(cfg))
         }),
@@ -483,11 +574,21 @@ fn main() -> ExitCode {
             wal_dir,
             json,
             standby,
+            standby_password_file,
         } => match wal_receiver::status::status(&wal_dir).and_then(|s| {
             let Some(mut s) = s else { return Ok(None) };
             if let Some(conninfo) = standby {
-                s.standby_server =
-                    Some(runtime()?.block_on(wal_receiver::status::query_standby(&conninfo)));
+                let password = standby_password_file.as_deref();
+                if let Some(Err(e)) = password.map(walship_common::conninfo::read_password_file) {
+                    return Err(Fatal {
+                        code: exit::USAGE,
+                        message: format!("--standby-password-file: {e}"),
+                    }
+                    .into());
+                }
+                s.standby_server = Some(
+                    runtime()?.block_on(wal_receiver::status::query_standby(&conninfo, password)),
+                );
             }
             Ok(Some(s))
         }) {
@@ -609,7 +710,7 @@ fn main() -> ExitCode {
                 .downcast_ref::<Fatal>()
                 .map(|f| f.code)
                 .unwrap_or(exit::ERROR);
-            eprintln!("wal-receiver: {e:#}");
+            walship_common::report!("wal-receiver: {e:#}");
             ExitCode::from(code)
         }
     }
@@ -619,7 +720,6 @@ fn main() -> ExitCode {
 mod tests {
     #[test]
     fn verify_cli() {
-        use clap::CommandFactory;
-        super::Cli::command().debug_assert();
+        walship_common::config::command::<super::Cli>().debug_assert();
     }
 }

@@ -107,7 +107,39 @@ pub struct Feedback {
 pub struct Feed {
     pub view: watch::Sender<Option<StoreView>>,
     pub feedback: watch::Receiver<Feedback>,
+    /// The Unix socket file served on, removed at [`Feed::stop`].
+    socket: Option<PathBuf>,
 }
+
+impl Feed {
+    /// Ends the service when `follow` stops: a connected standby is sent `FATAL 57P01`
+    /// (what a PostgreSQL server says to its sessions when it shuts down) and its
+    /// connection closed; this waits up to `within` for that, then removes the socket file,
+    /// as PostgreSQL removes its own.
+    pub async fn stop(self, within: Duration) {
+        let Feed {
+            view,
+            mut feedback,
+            socket,
+        } = self;
+        // Every connection's next wait on the view ends: it says goodbye and closes.
+        drop(view);
+        if tokio::time::timeout(within, feedback.wait_for(|f| !f.connected))
+            .await
+            .is_err()
+        {
+            warn!("the standby's connection did not close within {within:?} of the stop");
+        }
+        if let Some(path) = socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// `follow` is stopping: the standby's connection ends with `FATAL 57P01`.
+#[derive(Debug, thiserror::Error)]
+#[error("wal-receiver is stopping")]
+struct Stopping;
 
 /// Largest startup packet accepted (PostgreSQL allows 10000 bytes).
 const MAX_STARTUP_LEN: usize = 10_000;
@@ -137,12 +169,14 @@ pub async fn start(addr: &ServeAddr, dir: &Path) -> Result<Feed> {
             .map(|m| m.uid())
             .unwrap_or_else(|_| nix::unistd::geteuid().as_raw()),
     };
+    let mut socket = None;
     let listener = match addr {
         ServeAddr::Unix {
             dir: sock_dir,
             port,
         } => {
             let path = sock_dir.join(format!(".s.PGSQL.{port}"));
+            socket = Some(path.clone());
             remove_stale_socket(&path).await?;
             let listener = UnixListener::bind(&path)
                 .with_context(|| format!("listen on {} for the standby", path.display()))?;
@@ -176,6 +210,7 @@ pub async fn start(addr: &ServeAddr, dir: &Path) -> Result<Feed> {
     Ok(Feed {
         view: view_tx,
         feedback: fb_rx,
+        socket,
     })
 }
 
@@ -524,6 +559,17 @@ impl Ctx {
         let result = self.session(rd, &mut wr, &mut out, &app).await;
         match &result {
             Ok(()) => info!(application_name = %app, "standby disconnected"),
+            Err(e) if e.is::<Stopping>() => {
+                // Nothing is half-written at the waits that see the stop.
+                out.0.clear();
+                out.error(
+                    "FATAL",
+                    "57P01",
+                    "terminating connection because wal-receiver is stopping",
+                );
+                let _ = out.send(&mut wr).await;
+                info!(application_name = %app, "standby disconnected: wal-receiver is stopping");
+            }
             // A corrupt segment is reported once, when found, not at every retry.
             Err(e) => match sealed::corruption(e) {
                 Some(c) if c.known => {
@@ -552,7 +598,7 @@ impl Ctx {
             .view
             .wait_for(|v| v.is_some())
             .await
-            .map_err(|_| anyhow!("wal-receiver is stopping"))?;
+            .map_err(|_| Stopping)?;
         Ok(v.expect("waited for Some"))
     }
 
@@ -811,7 +857,7 @@ impl Ctx {
             }
             tokio::select! {
                 changed = self.view.changed() => {
-                    changed.map_err(|_| anyhow!("wal-receiver is stopping"))?;
+                    changed.map_err(|_| Stopping)?;
                     let latest = *self.view.borrow_and_update();
                     if let Some(v) = latest {
                         view = v;

@@ -63,10 +63,11 @@ pub struct StandbyServer {
 const STANDBY_DBNAME: &str = "postgres";
 
 /// Asks the standby server at `conninfo` (a libpq keyword/value string, read as libpq reads
-/// it, password file and sslmode included) for its recovery state. Never fails: an
-/// unreachable server is reported as such.
-pub async fn query_standby(conninfo: &str) -> StandbyServer {
-    match query(conninfo).await {
+/// it, password file and sslmode included; the first line of `password_file` is the password
+/// when the string gives none) for its recovery state. Never fails: an unreachable server
+/// is reported as such.
+pub async fn query_standby(conninfo: &str, password_file: Option<&Path>) -> StandbyServer {
+    match query(conninfo, password_file).await {
         Ok(s) => s,
         Err(e) => StandbyServer {
             reachable: false,
@@ -80,10 +81,15 @@ pub async fn query_standby(conninfo: &str) -> StandbyServer {
     }
 }
 
-async fn query(conninfo: &str) -> Result<StandbyServer> {
+async fn query(conninfo: &str, password_file: Option<&Path>) -> Result<StandbyServer> {
     // As libpq: PGPASSWORD, the password file and sslmode apply. Errors name a keyword,
     // never the string, which may hold a password.
-    let settings = Settings::from_conninfo(conninfo).context("--standby")?;
+    let mut settings = Settings::from_conninfo(conninfo).context("--standby")?;
+    if let Some(file) = password_file {
+        settings
+            .use_password_file(file)
+            .context("--standby-password-file")?;
+    }
     let (client, task) = pgclient::connect_sql(&settings, STANDBY_DBNAME, Some("walship_status"))
         .await
         .context("connect to the standby")?;

@@ -1,14 +1,20 @@
 //! wal-sender: runs on the primary host and serves WAL to wal-receivers.
 //!
+//! - [`metrics`]: what `--metrics-listen` exports.
 //! - [`pgconn`]: a minimal client for PostgreSQL's replication protocol.
 //! - [`session`]: one receiver's handshake, slot and stream.
 //! - [`snapshot`]: the snapshot service and its SQL session.
+//! - [`check`]: `wal-sender check`, every precondition of a working sender.
+//! - [`status`]: `wal-sender status`, the receivers as the primary sees them.
 //! - [`serve`]: the listener that runs a session per receiver, after checking at start-up
 //!   that the primary can be used as configured.
 
+pub mod check;
+pub mod metrics;
 pub mod pgconn;
 pub mod session;
 pub mod snapshot;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +27,7 @@ use walship_common::conninfo::Settings;
 use walship_common::pgclient;
 use walship_common::protocol::ErrorCode;
 
+use crate::metrics::{Refused, SenderMetrics};
 use crate::pgconn::ReplConn;
 pub use crate::session::Security;
 use crate::session::SessionConfig;
@@ -41,6 +48,8 @@ pub struct ServeConfig {
     pub batch_delay: Duration,
     pub handshake_timeout: Duration,
     pub security: Security,
+    /// Serve Prometheus metrics at this HOST:PORT (`/metrics`).
+    pub metrics_listen: Option<String>,
 }
 
 /// `serve` found at start-up that it cannot use the primary as configured (a password, a
@@ -50,7 +59,20 @@ pub struct ServeConfig {
 pub struct SetupFailure(pub String);
 
 /// Accepts receivers until SIGINT or SIGTERM.
+///
+/// Under a service manager (`Type=notify`) it reports ready once the start-up checks have
+/// passed and the listener is bound, and stopping at the signal. Sessions end with the
+/// process: each one's replication connection closes, and PostgreSQL releases the slot.
 pub async fn serve(cfg: ServeConfig) -> Result<()> {
+    // From the start: a SIGTERM during the checks stops cleanly once they are done.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let metrics = Arc::new(SenderMetrics::default());
+    if let Some(addr) = &cfg.metrics_listen {
+        let mut registry = walship_common::metrics::Registry::default();
+        metrics.register(&mut registry);
+        walship_common::metrics::serve(addr, registry)?;
+        tokio::spawn(metrics.clone().poll_slots(cfg.pg.clone()));
+    }
     check_primary(&cfg.pg, cfg.pgdata.as_deref()).await?;
     let listener = TcpListener::bind(&cfg.listen)
         .await
@@ -77,9 +99,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         pgdata: cfg.pgdata.clone(),
         batch_delay: cfg.batch_delay,
         handshake_timeout: cfg.handshake_timeout,
+        metrics: metrics.clone(),
     };
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    walship_common::service::ready(&format!("listening on {local}"));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -93,12 +116,16 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
                 };
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     warn!(%peer, max = cfg.max_connections, "too many connections; closing this one");
+                    metrics.refused(Refused::TooManyConnections);
                     continue;
                 };
                 let scfg = session_cfg.clone();
                 let sec = cfg.security.clone();
                 tokio::spawn(async move {
+                    let m = scfg.metrics.clone();
+                    m.connection(1);
                     session::run(sock, peer, scfg, sec).await;
+                    m.connection(-1);
                     drop(permit);
                 });
             }
@@ -107,6 +134,10 @@ pub async fn serve(cfg: ServeConfig) -> Result<()> {
         }
     }
     info!("wal-sender stopping");
+    walship_common::service::stopping(&format!(
+        "stopping: closing {} receiver connection(s)",
+        cfg.max_connections - slots.available_permits()
+    ));
     Ok(())
 }
 

@@ -23,6 +23,7 @@ use walship_common::protocol::{validate_name, ErrorCode, Message, Mode, PROTOCOL
 use walship_common::tls::{self, Reader, Writer};
 use walship_common::{Lsn, WalSegSize};
 
+use crate::metrics::{ReceiverStats, Refused, SenderMetrics};
 use crate::pgconn::{CopyMessage, PgError, ReplConn};
 use crate::snapshot::{self, ChunkReader, Entry, Have};
 
@@ -48,7 +49,14 @@ pub struct SessionConfig {
     pub batch_delay: Duration,
     /// How long a receiver has for each step of the handshake (TLS, Hello, its request).
     pub handshake_timeout: Duration,
+    /// What `--metrics-listen` exports.
+    pub metrics: Arc<SenderMetrics>,
 }
+
+/// A handshake step took longer than `--handshake-timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("handshake not completed within {0:?}")]
+pub struct HandshakeTimeout(pub Duration);
 
 /// An error to send to the receiver before closing.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +131,7 @@ pub async fn run(sock: TcpStream, peer: SocketAddr, cfg: SessionConfig, sec: Sec
             // A plaintext receiver at a TLS sender: tell it why, in its own protocol, and
             // nothing else.
             warn!(%peer, "refused: {text}");
+            cfg.metrics.refused(Refused::TlsRequired);
             if let Ok(mut enc) = FrameEncoder::new(1) {
                 let mut buf = Vec::new();
                 let msg = Message::Error {
@@ -144,10 +153,12 @@ pub async fn run(sock: TcpStream, peer: SocketAddr, cfg: SessionConfig, sec: Sec
         Ok(Err(e)) => {
             let text = tls::explain(&e, "the receiver").unwrap_or_else(|| format!("{e:#}"));
             warn!(%peer, "connection refused: {text}");
+            cfg.metrics.refused(Refused::Tls);
             return;
         }
         Err(_) => {
             warn!(%peer, "connection closed: no handshake within {:?}", cfg.handshake_timeout);
+            cfg.metrics.refused(Refused::HandshakeTimeout);
             return;
         }
     };
@@ -173,6 +184,11 @@ pub async fn run(sock: TcpStream, peer: SocketAddr, cfg: SessionConfig, sec: Sec
         Ok(()) => info!(receiver = %name, %peer, "receiver disconnected"),
         Err(e) => {
             let (code, text) = classify(&e);
+            if let Some(why) = Refused::of_code(code) {
+                cfg.metrics.refused(why);
+            } else if e.is::<HandshakeTimeout>() {
+                cfg.metrics.refused(Refused::HandshakeTimeout);
+            }
             if code == ErrorCode::Setup {
                 error!(receiver = %name, %peer, "session ended: {text}");
             } else {
@@ -256,26 +272,8 @@ async fn accept(
 }
 
 /// The names a client certificate carries: its subject common names and DNS subject
-/// alternative names. A certificate that cannot be parsed carries none.
-pub fn certificate_names(der: &[u8]) -> Vec<String> {
-    use x509_parser::prelude::*;
-    let Ok((_, cert)) = X509Certificate::from_der(der) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = cert
-        .subject()
-        .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
-        .collect();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for gn in &san.value.general_names {
-            if let GeneralName::DNSName(d) = gn {
-                names.push((*d).to_owned());
-            }
-        }
-    }
-    names
-}
+/// alternative names (shared with `check`).
+pub use walship_common::check::certificate_names;
 
 async fn read_msg(frames: &mut FrameReader<Reader>) -> Result<Message> {
     let frame = frames
@@ -296,7 +294,7 @@ async fn session(
     let mut frames = FrameReader::new(rd)?;
     let hello = tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut frames))
         .await
-        .map_err(|_| anyhow!("handshake not completed within {:?}", cfg.handshake_timeout))??;
+        .map_err(|_| HandshakeTimeout(cfg.handshake_timeout))??;
     let (name, mode) = match hello {
         Message::Hello {
             version,
@@ -355,7 +353,7 @@ async fn session(
     let (start_lsn, timeline) = loop {
         match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut frames))
             .await
-            .map_err(|_| anyhow!("handshake not completed within {:?}", cfg.handshake_timeout))??
+            .map_err(|_| HandshakeTimeout(cfg.handshake_timeout))??
         {
             Message::GetHistory { timeline } => {
                 if timeline < 2 || timeline > sys.timeline {
@@ -400,9 +398,20 @@ async fn session(
     }
     info!(receiver = %name, %start_lsn, timeline, %slot, "streaming WAL");
     // PostgreSQL reports missing WAL only once streaming has begun.
-    stream(pg, frames, out, &name, &slot, start_lsn, cfg.batch_delay)
-        .await
-        .map_err(|e| classify_pg_error(e, &slot, start_lsn))
+    let streaming = cfg.metrics.streaming(&name);
+    stream(
+        pg,
+        frames,
+        out,
+        &name,
+        &slot,
+        start_lsn,
+        cfg.batch_delay,
+        &cfg.metrics,
+        &streaming.stats,
+    )
+    .await
+    .map_err(|e| classify_pg_error(e, &slot, start_lsn))
 }
 
 /// Makes sure the slot exists and still protects WAL from `start_lsn`.
@@ -511,6 +520,9 @@ struct Upstream<'a> {
     /// What the receiver sends: acknowledgements and its standby's feedback.
     frames: FrameReader<Reader>,
     batch_delay: Duration,
+    /// What `--metrics-listen` exports: the primary's position, and this receiver's.
+    metrics: &'a SenderMetrics,
+    stats: &'a ReceiverStats,
     /// The timeline was streamed to its end: the session is over.
     ended: bool,
 }
@@ -584,18 +596,23 @@ impl Upstream<'_> {
                         None => break,
                     }
                 }
+                let raw = data.len() as u64;
+                self.metrics.primary_at(server_flush_lsn);
                 self.out
                     .send(&Message::WalData {
                         start_lsn,
                         server_flush_lsn,
                         data,
                     })
-                    .await
+                    .await?;
+                self.stats.sent(raw, self.out.buf.len() as u64);
+                Ok(())
             }
             CopyMessage::Keepalive {
                 server_flush_lsn,
                 reply_requested,
             } => {
+                self.metrics.primary_at(server_flush_lsn);
                 if reply_requested {
                     self.report().await?;
                 }
@@ -735,6 +752,7 @@ impl Upstream<'_> {
         }
         self.ack_write_lsn = write_lsn;
         self.ack_flush_lsn = flush_lsn;
+        self.stats.acked(flush_lsn);
         Ok(())
     }
 
@@ -751,6 +769,7 @@ impl Upstream<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     pg: ReplConn,
     frames: FrameReader<Reader>,
@@ -759,6 +778,8 @@ async fn stream(
     slot: &str,
     start_lsn: Lsn,
     batch_delay: Duration,
+    metrics: &SenderMetrics,
+    stats: &ReceiverStats,
 ) -> Result<()> {
     // One task serves both connections: PostgreSQL's WAL goes out, and the receiver's
     // acknowledgements go upstream, without a hop between tasks.
@@ -776,6 +797,8 @@ async fn stream(
         frames,
         batch_delay,
         ended: false,
+        metrics,
+        stats,
     };
     let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
     let result: Result<()> = loop {
@@ -836,6 +859,7 @@ async fn bootstrap(
     name: &str,
     slot: &str,
 ) -> Result<()> {
+    let _snapshot = cfg.metrics.snapshot();
     let mut have = Have::default();
     loop {
         match tokio::time::timeout(cfg.handshake_timeout, read_msg(&mut frames))
