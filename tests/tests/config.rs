@@ -176,7 +176,7 @@ fn serve_takes_its_password_from_a_password_file_named_in_its_configuration() ->
         Ok(std::net::TcpStream::connect(&addr).ok().map(|_| ()))
     })?;
     // A receiver streams through it: the replication connection logged in too.
-    pg.sql("CREATE TABLE t AS SELECT generate_series(1, 1000) g")?;
+    pg.sql("INSERT INTO t SELECT g, 'more ' || g FROM generate_series(1001, 2000) g")?;
     let target = pg.flush_lsn()?;
     let mut r = Receiver::start(&dir, &addr, "follower")?;
     r.wait_flush(target)?;
